@@ -1,0 +1,1 @@
+"""Classifiers: timm models, losses, samplers, the training loop, evaluation."""

@@ -1,0 +1,1 @@
+"""Experiments: the study grid, aggregation and statistics, the report, the demo."""

@@ -1,0 +1,1 @@
+"""Generators: class-conditional diffusion from scratch, Stable Diffusion 1.5 + LoRA + textual inversion, sampling."""

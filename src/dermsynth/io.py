@@ -1,0 +1,170 @@
+"""Atomic file writes and safe image reading.
+
+Every artifact dermsynth writes goes through a temp file in the same folder followed by ``os.replace``, so a crash
+leaves either the old file or the new one, never half of one. Image reading turns every way a file can be bad into
+one :class:`DataError` that names the file (and the manifest row when the caller knows it).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageFile, PngImagePlugin
+
+# Images larger than this many pixels are refused (a 600x450 dermoscopy image is 0.27 MP; full ISIC ones ~30 MP).
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file (and row) and says what is wrong."""
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """Open a temp file beside ``path``; on clean exit fsync and rename it over ``path``, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def atomic_write_csv(path: str | Path, df: "Any") -> Path:
+    """Write a pandas DataFrame as CSV atomically (no index)."""
+    with atomic_open(path, "w", encoding="utf-8", newline="") as f:
+        df.to_csv(f, index=False)
+    return Path(path)
+
+
+def atomic_save_npy(path: str | Path, array: np.ndarray) -> Path:
+    with atomic_open(path, "wb") as f:
+        np.save(f, array)
+    return Path(path)
+
+
+def atomic_save_image(path: str | Path, image: Image.Image | np.ndarray, text: dict[str, str] | None = None) -> Path:
+    """Save a PNG/JPEG atomically; ``text`` becomes PNG tEXt chunks (e.g. provenance of synthetic images)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    path = Path(path)
+    fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"
+    kwargs: dict[str, Any] = {}
+    if fmt == "PNG" and text:
+        info = PngImagePlugin.PngInfo()
+        for k, v in text.items():
+            info.add_text(k, str(v))
+        kwargs["pnginfo"] = info
+    if fmt == "JPEG":
+        kwargs["quality"] = 95
+    with atomic_open(path, "wb") as f:
+        image.save(f, format=fmt, **kwargs)
+    return path
+
+
+def load_image(path: str | Path, where: str = "") -> Image.Image:
+    """Open an image fully and return it as 8-bit RGB.
+
+    Grayscale, palette, RGBA (composited on white) and 16-bit images are converted; truncated, corrupt, missing and
+    oversized (decompression-bomb) files raise :class:`DataError` naming ``path`` and ``where`` (e.g. a CSV row).
+    """
+    path = Path(path)
+    loc = f" ({where})" if where else ""
+    if not path.is_file():
+        raise DataError(f"image file not found: {path}{loc}")
+    # Truncated files must fail loudly, not be silently padded with grey.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise DataError(
+                    f"image too large: {path}{loc} is {w}x{h} = {w * h / 1e6:.0f} MP "
+                    f"(limit {MAX_IMAGE_PIXELS / 1e6:.0f} MP; possible decompression bomb)"
+                )
+            im.load()
+            return _to_rgb(im, path, loc)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image too large: {path}{loc}: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"corrupt or truncated image: {path}{loc}: {e}") from e
+
+
+def _to_rgb(im: Image.Image, path: Path, loc: str) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im.copy()
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grey: scale the actual range to 8 bits rather than clipping at 255.
+        a = np.asarray(im, dtype=np.float64)
+        hi = max(a.max(), 1.0)
+        scale = 65535.0 if hi > 255 else 255.0
+        a8 = np.clip(a / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a8, "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    if mode in ("L", "P", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        return im.convert("RGB")
+    if mode in ("F", "I;16S", "RGB;16", "RGBa"):
+        raise DataError(f"unsupported image mode {mode!r}: {path}{loc}; convert it to 8-bit RGB first")
+    return im.convert("RGB")
+
+
+def image_array(path: str | Path, where: str = "") -> np.ndarray:
+    """``load_image`` as an HxWx3 uint8 array."""
+    return np.asarray(load_image(path, where), dtype=np.uint8)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

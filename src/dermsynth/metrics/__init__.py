@@ -1,0 +1,1 @@
+"""Metrics: classification scores, feature extractors, FD/KID/PRDC, diversity, memorisation, the synthetic filter."""
