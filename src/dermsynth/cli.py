@@ -38,7 +38,8 @@ def _add_cfg_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_data_prepare(a: argparse.Namespace) -> Any:
     return _lazy("dermsynth.data.prepare", "prepare")(
-        a.source, a.root, a.out, csv=a.csv, ham_root=a.ham_root, masks=a.masks)
+        a.source, a.root, a.out, csv=a.csv, ham_root=a.ham_root, masks=a.masks, check_images=a.check_images,
+        extra_classes=a.extra_classes)
 
 
 def cmd_data_split(a: argparse.Namespace) -> Any:
@@ -126,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--csv", type=Path, help="csv source: the CSV file (path,label[,group]); default ROOT/labels.csv")
     q.add_argument("--ham-root", type=Path, help="isic2019: HAM10000 manifest or folder to deduplicate against")
     q.add_argument("--masks", action="store_true", help="ham10000: record lesion mask paths when present")
+    q.add_argument("--check-images", action="store_true", help="fully decode every image (slower; default: header "
+                                                                   "and end-of-file checks, full decode of suspects)")
+    q.add_argument("--extra-classes", choices=["drop", "error"], default="drop",
+                   help="isic2019: SCC/UNK are not among the 7 classes: drop them (logged) or refuse")
     q.set_defaults(func=cmd_data_prepare)
     q = dsub.add_parser("split", help="lesion-grouped, class-stratified train/val/test or k-fold split")
     q.add_argument("--manifest", required=True, type=Path)

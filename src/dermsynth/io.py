@@ -138,10 +138,11 @@ def _to_rgb(im: Image.Image, path: Path, loc: str) -> Image.Image:
     if mode == "RGB":
         return im.copy()
     if mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grey: scale the actual range to 8 bits rather than clipping at 255.
+        # 16-bit grey: map the 16-bit range to 8 bits rather than clipping at 255. "I;16*" is known to be 16-bit (a
+        # dark image stays dark); a 32-bit "I" image gives no bit depth, so its values decide.
         a = np.asarray(im, dtype=np.float64)
         hi = max(a.max(), 1.0)
-        scale = 65535.0 if hi > 255 else 255.0
+        scale = 65535.0 if mode.startswith("I;16") or hi > 255 else 255.0
         a8 = np.clip(a / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(a8, "L").convert("RGB")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):

@@ -62,6 +62,15 @@ class RunPaths:
         return self.checkpoints / "best"
 
     @property
+    def train_set(self) -> Path:
+        """A classifier run's training samples with their provenance (source real/synthetic)."""
+        return self.root / "train_set.csv"
+
+    def extra_predictions(self, name: str) -> Path:
+        """A classifier run's predictions on an extra test set (eval.extra_test ``name``)."""
+        return self.root / f"predictions_{name}.csv"
+
+    @property
     def samples_root(self) -> Path:
         return self.root / "samples"
 
