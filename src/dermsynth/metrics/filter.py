@@ -1,0 +1,145 @@
+"""``dermsynth filter``: keep the synthetic images that look real, look like their class, and are not copies.
+
+Three checks, each recorded per image so a rejection can be read back:
+  (a) realism: the image's features lie inside the real TRAIN k-NN manifold of its class (inside at least one real
+      image's ball of radius = distance to its k-th real neighbour; Kynkaanniemi et al. 2019), reason
+      ``outside_real_manifold``;
+  (b) class confidence: a classifier trained on real images only gives the intended class probability >= threshold,
+      reason ``low_class_prob`` (skipped, with a warning, when no classifier run is given);
+  (c) not a copy: the memorisation audit does not flag it, reason ``copy_of_train``.
+Writes ``manifest.csv`` (kept images, canonical, paths to the original PNGs), ``rejected.csv`` (every rejected image
+and all its reasons) and ``filter.json`` (per-class counts in / kept / rejected by reason, thresholds).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dermsynth.config import save_config, to_dict
+from dermsynth.data.labels import CLASSES
+from dermsynth.data.manifest import REQUIRED_COLUMNS, write_manifest
+from dermsynth.data.split import load_split
+from dermsynth.io import atomic_write_csv, atomic_write_json
+from dermsynth.metrics.distribution import realism_inside
+from dermsynth.metrics.feature_cache import features_and_logits, load_images, native_size, read_samples
+from dermsynth.metrics.features import ExtractorSpec, make_extractor
+from dermsynth.metrics.memorisation import MemorisationConfig, audit, calibrate, null_rows
+from dermsynth.runlog import get_logger, run_log
+
+log = get_logger("metrics.filter")
+
+REASONS = ("outside_real_manifold", "low_class_prob", "copy_of_train")
+
+
+@dataclass
+class FilterConfig:
+    features: ExtractorSpec = field(default_factory=ExtractorSpec)
+    image_size: int = 0  # px at which synthetic and real images are compared; 0 = the synthetic images' own size
+    realism: bool = True  # check (a)
+    realism_k: int = 5  # k of the class's real TRAIN k-NN manifold (capped at n_train - 1)
+    classifier: str = ""  # real-only classifier run folder for check (b); the --classifier argument overrides it
+    min_class_prob: float = 0.5  # check (b): keep if P(intended class) >= this (0.5 of 7 classes implies the argmax)
+    copies: bool = True  # check (c)
+    memorisation: MemorisationConfig = field(default_factory=MemorisationConfig)
+
+
+def class_probs(run_dir: str | Path | None, images: np.ndarray, labels: pd.Series) -> np.ndarray | None:
+    """P(intended class) per image from a real-only classifier run, or None (warned) when there is none to use."""
+    if not run_dir:
+        log.warning("filter: no classifier run given: the class-confidence check (b) is skipped")
+        return None
+    try:
+        from dermsynth.classify.predict import predict_images
+    except ImportError as e:
+        log.warning("filter: dermsynth.classify.predict is unavailable (%s): check (b) is skipped", e)
+        return None
+    probs = np.asarray(predict_images(Path(run_dir), images))
+    return probs[np.arange(len(images)), [CLASSES.index(c) for c in labels]]
+
+
+def run_filter(samples: str | Path, split: str | Path, cfg: FilterConfig | None = None, out: str | Path | None = None,
+               classifier: str | Path | None = None) -> Path:
+    """Filter a samples folder; returns the output folder (manifest.csv, rejected.csv, filter.json)."""
+    cfg = cfg or FilterConfig()
+    samples = Path(samples)
+    out = Path(out) if out is not None else (samples if samples.is_dir() else samples.parent) / "filtered"
+    with run_log(out):
+        t0 = time.time()
+        save_config(cfg, out / "config.yaml")
+        syn = read_samples(samples)
+        sp = load_split(split)
+        train = sp.part("train")
+        size = cfg.image_size or native_size(syn)
+        extractor = make_extractor(cfg.features)
+        syn_img, train_img = load_images(syn, size), load_images(train, size)
+        syn_f, _ = features_and_logits(syn_img, extractor)
+        train_f, _ = features_and_logits(train_img, extractor)
+        table = syn.copy()
+        reasons: list[list[str]] = [[] for _ in range(len(syn))]
+        checks: dict[str, str] = {}
+
+        if cfg.realism:
+            table["realism"] = np.nan
+            for c in table["label"].unique():
+                m_s, m_t = (table["label"] == c).to_numpy(), (train["label"] == c).to_numpy()
+                k = min(cfg.realism_k, int(m_t.sum()) - 1)
+                if k < 1:
+                    log.warning("filter: class %s has %d train image(s): no manifold, realism check skipped", c,
+                                int(m_t.sum()))
+                    continue
+                inside, score = realism_inside(train_f[m_t], syn_f[m_s], k)
+                table.loc[m_s, "realism"] = score
+                for i in np.flatnonzero(m_s)[~inside]:
+                    reasons[i].append("outside_real_manifold")
+            checks["realism"] = f"inside the class's real train k-NN manifold, k={cfg.realism_k}"
+
+        probs = class_probs(classifier or cfg.classifier, syn_img, syn["label"])
+        if probs is not None:
+            table["class_prob"] = probs
+            for i in np.flatnonzero(probs < cfg.min_class_prob):
+                reasons[i].append("low_class_prob")
+            checks["class_prob"] = f"P(intended class) >= {cfg.min_class_prob} by {classifier or cfg.classifier}"
+        else:
+            checks["class_prob"] = "skipped: no classifier run"
+
+        memo = None
+        if cfg.copies:
+            null_f, _ = features_and_logits(load_images(null_rows(sp, cfg.memorisation), size), extractor)
+            calib = calibrate(train["group_id"], train_f, cfg.memorisation, null_f)
+            rows, memo = audit(syn, syn_img, train, train_img, train_f, extractor, cfg.memorisation, calib)
+            table["nearest_train_id"], table["copy_cosine"], table["copy_ssim"] = (
+                rows["nearest_train_id"].to_numpy(), rows["cosine"].to_numpy(), rows["ssim"].to_numpy())
+            for i in np.flatnonzero(rows["is_copy"].to_numpy()):
+                reasons[i].append("copy_of_train")
+            checks["copies"] = (f"cosine < {memo['cosine_threshold']:.4f} ({memo['calibration']['source']}) "
+                                f"and SSIM < {cfg.memorisation.ssim_threshold}, orbit {cfg.memorisation.orbit}")
+
+        table["reasons"] = [";".join(r) for r in reasons]
+        kept = table[table["reasons"] == ""].drop(columns="reasons")
+        rejected = table[table["reasons"] != ""]
+        if len(kept):
+            write_manifest(kept, out / "manifest.csv")
+        else:
+            log.warning("filter: every synthetic image was rejected; manifest.csv has no rows")
+            atomic_write_csv(out / "manifest.csv", pd.DataFrame(columns=list(REQUIRED_COLUMNS)))
+        atomic_write_csv(out / "rejected.csv", rejected)
+        per_class = {}
+        for c in dict.fromkeys(table["label"]):
+            sub = table[table["label"] == c]
+            per_class[c] = {"in": int(len(sub)), "kept": int((sub["reasons"] == "").sum()),
+                            "rejected": int((sub["reasons"] != "").sum()),
+                            "by_reason": {r: int(sub["reasons"].str.contains(r).sum()) for r in REASONS}}
+        summary = {"samples": str(samples.resolve()), "split": str(sp.path), "split_fingerprint": sp.fingerprint,
+                   "extractor": extractor.name, "extractor_version": extractor.version, "image_size": size,
+                   "checks": checks, "per_class": per_class,
+                   "total": {"in": int(len(table)), "kept": int(len(kept)), "rejected": int(len(rejected))},
+                   "memorisation": memo, "config": to_dict(cfg), "wall_s": round(time.time() - t0, 2)}
+        atomic_write_json(out / "filter.json", summary)
+        for c, v in per_class.items():
+            log.info("filter %s: kept %d of %d (%s)", c, v["kept"], v["in"],
+                     ", ".join(f"{r} {n}" for r, n in v["by_reason"].items() if n) or "no rejections")
+        return out

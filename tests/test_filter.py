@@ -1,0 +1,132 @@
+"""The synthetic-image filter: every rejected image carries every reason that applies.
+
+The test data set is built so that each check's verdict is known in advance: a test extractor reads an image's
+feature vector from its first pixel row, so lesions, re-photographs, realistic and unrealistic images and copies are
+placed exactly in feature space; the rest of each image is random noise (so only real copies have a high SSIM).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dermsynth.data.labels import CLASSES
+from dermsynth.data.manifest import read_manifest, write_manifest
+from dermsynth.data.split import SplitConfig, load_split, make_split
+from dermsynth.io import atomic_save_image, image_array
+from dermsynth.metrics import features as features_mod
+from dermsynth.metrics.filter import FilterConfig, run_filter
+from test_quality_data import fake_samples
+
+SIZE, DIM = 32, 12  # features = the first 4 pixels (x 3 channels) of row 0, centred
+
+
+class PixelRow:
+    name, version, dim, n_logits = "pixelrow", "pixelrow-test-v1", DIM, 0
+
+    def __call__(self, images):
+        return (images[:, 0, :4, :].reshape(len(images), -1).astype(np.float32) - 128.0) / 128.0
+
+
+def _image(rng, feature, marker=0):
+    im = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    im[0, :4, :] = np.clip(np.round(128 + 128 * feature), 0, 255).reshape(4, 3)
+    im[1, 0, 0] = marker  # read by the fake classifier: 1 + index of the class it is sure about, 0 = unsure
+    return im
+
+
+def _direction(rng, base, spread):
+    v = base + spread * rng.normal(size=DIM) / np.sqrt(DIM)
+    return 0.7 * v / np.linalg.norm(v)
+
+
+@pytest.fixture()
+def world(tmp_path, monkeypatch):
+    monkeypatch.setitem(features_mod.EXTRACTORS, "pixelrow", lambda spec: PixelRow())
+    rng = np.random.default_rng(0)
+    bases = {c: rng.normal(size=DIM) for c in ("df", "vasc")}
+    rows = []
+    for c, base in bases.items():
+        for g in range(10):  # 10 lesions per class, 2 photos each (a re-photograph is a small move)
+            u = _direction(rng, base / np.linalg.norm(base), 0.5)
+            for k in range(2):
+                iid = f"{c}_{g}_{k}"
+                im = _image(rng, u + 0.01 * k * rng.normal(size=DIM), marker=1 + CLASSES.index(c))
+                atomic_save_image(tmp_path / "real" / f"{iid}.png", im)
+                rows.append({"image_id": iid, "group_id": f"{c}_{g}", "label": c,
+                             "path": str(tmp_path / "real" / f"{iid}.png"), "source": "test"})
+    split = make_split(write_manifest(pd.DataFrame(rows), tmp_path / "real" / "manifest.csv"), tmp_path / "split",
+                       SplitConfig(seed=0))
+    train = load_split(split).part("train")
+    copy_src = train[train["label"] == "df"].iloc[0]
+    d = bases["df"] / np.linalg.norm(bases["df"])
+    good = lambda m=0: _image(rng, _direction(rng, d, 0.1), m)  # noqa: E731  near the class centre: realistic, new
+    bad = lambda m=0: _image(rng, -0.7 * d, m)  # noqa: E731  opposite the class: outside its manifold
+    sure_df = 1 + CLASSES.index("df")
+    images = [good(sure_df), bad(sure_df), image_array(copy_src["path"]), good(0), bad(0)]
+    names = ["good", "unrealistic", "copy", "unsure", "unrealistic_unsure"]
+    samples = fake_samples(tmp_path / "samples", np.stack(images), ["df"] * 5, ids=names)
+    return samples, split, copy_src["image_id"]
+
+
+@pytest.fixture()
+def fake_classifier(monkeypatch):
+    """A stand-in for dermsynth.classify.predict: sure of the class marked in pixel (1, 0), else uniform."""
+    def predict_images(run_dir, images):
+        probs = np.full((len(images), len(CLASSES)), 1 / len(CLASSES))
+        for i, im in enumerate(images):
+            if im[1, 0, 0]:
+                probs[i] = 0.01
+                probs[i, im[1, 0, 0] - 1] = 1 - 0.01 * (len(CLASSES) - 1)
+        return probs
+
+    module = types.ModuleType("dermsynth.classify.predict")
+    module.predict_images = predict_images
+    monkeypatch.setitem(sys.modules, "dermsynth.classify.predict", module)
+
+
+def _cfg():
+    cfg = FilterConfig()
+    cfg.features.name = "pixelrow"
+    return cfg
+
+
+def test_filter_reasons_per_image(world, fake_classifier, tmp_path):
+    samples, split, copy_id = world
+    out = run_filter(samples, split, _cfg(), tmp_path / "filtered", classifier=tmp_path / "some_run")
+    kept = read_manifest(out / "manifest.csv")
+    assert kept["image_id"].tolist() == ["good"]
+    assert kept["path"].iloc[0] == str((samples / "images" / "good.png").resolve())  # points at the original PNG
+    assert kept["source"].iloc[0] == "synthetic" and "class_prob" in kept and "realism" in kept
+    rej = pd.read_csv(out / "rejected.csv", keep_default_na=False).set_index("image_id")
+    assert rej.loc["unrealistic", "reasons"] == "outside_real_manifold"
+    assert rej.loc["copy", "reasons"] == "copy_of_train" and rej.loc["copy", "nearest_train_id"] == copy_id
+    assert rej.loc["unsure", "reasons"] == "low_class_prob"
+    assert rej.loc["unrealistic_unsure", "reasons"] == "outside_real_manifold;low_class_prob"
+    info = json.loads((out / "filter.json").read_text())
+    assert info["per_class"]["df"] == {"in": 5, "kept": 1, "rejected": 4, "by_reason": {
+        "outside_real_manifold": 2, "low_class_prob": 2, "copy_of_train": 1}}
+    assert info["extractor"] == "pixelrow" and "same-lesion" in info["memorisation"]["calibration"]["source"]
+
+
+def test_filter_without_classifier_skips_that_check_and_warns(world, tmp_path, caplog):
+    samples, split, _ = world
+    with caplog.at_level(logging.WARNING, logger="dermsynth"):
+        out = run_filter(samples, split, _cfg(), tmp_path / "filtered")
+    assert "check (b) is skipped" in caplog.text
+    kept = read_manifest(out / "manifest.csv")
+    assert sorted(kept["image_id"]) == ["good", "unsure"]
+    assert json.loads((out / "filter.json").read_text())["checks"]["class_prob"].startswith("skipped")
+
+
+def test_filter_thresholds_are_configurable(world, fake_classifier, tmp_path):
+    samples, split, _ = world
+    cfg = _cfg()
+    cfg.realism, cfg.copies, cfg.min_class_prob = False, False, 0.1  # uniform 1/7 = 0.14 now passes
+    out = run_filter(samples, split, cfg, tmp_path / "filtered", classifier=tmp_path / "run")
+    assert len(read_manifest(out / "manifest.csv")) == 5

@@ -1,0 +1,72 @@
+"""`dermsynth quality` and `dermsynth filter` end to end on the HAM10000 sample with the real lite0 extractor."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dermsynth.cli import main
+from dermsynth.data.split import load_split
+from dermsynth.metrics.feature_cache import load_images
+from test_quality_data import fake_samples, ham_split
+
+FAST = ["--set", "features.name=lite0", "--set", "features.input_size=64", "--set", "features.batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def setup(ham_sample, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qcli")
+    split = ham_split(ham_sample, tmp / "ham", fractions=(0.4, 0.2, 0.4))  # a test part of several images per class
+    sp = load_split(split)
+    val, train = sp.part("val"), sp.part("train")
+    val = val[val["label"].isin(["df", "vasc"])].reset_index(drop=True)
+    images = load_images(val, 64, progress=False)
+    copied = load_images(train[train["label"] == "df"].iloc[:1], 64, progress=False)
+    # stand-in generator output: real val images (new lesions) plus one verbatim copy of a training image
+    samples = fake_samples(tmp / "samples", np.concatenate([images, copied]), val["label"].tolist() + ["df"])
+    return samples, split, train[train["label"] == "df"]["image_id"].iloc[0], tmp
+
+
+def test_quality_cli(setup):
+    samples, split, copied_id, tmp = setup
+    out = tmp / "quality"
+    rc = main(["quality", "--samples", str(samples), "--split", str(split), "--out", str(out), *FAST,
+               "--set", "repeats=3", "--set", "memorisation.orbit=flip", "--set", "diversity_pairs=20"])
+    assert rc == 0
+    q = json.loads((out / "quality.json").read_text())
+    assert q["extractor"] == "lite0" and q["image_size"] == 64 and set(q["groups"]) == {"df", "vasc", "pooled"}
+    for name, g in q["groups"].items():
+        assert g["N"] == sum(g["draw_per_class"].values()) and g["N"] <= g["available"]["test"]
+        for side in ("synthetic", "floor"):
+            assert {"FD_lite0", "KID_lite0", "KID_lite0_std", "precision_lite0", "coverage_lite0"} <= set(g[side])
+            assert any(k.startswith("diversity_") for k in g[side])
+    assert "FID" not in json.dumps(q["groups"]) and "IS_lite0" not in json.dumps(q["groups"])
+    memo = pd.read_csv(out / "memorisation.csv")
+    row = memo[memo["image_id"] == memo["image_id"].iloc[-1]].iloc[0]
+    assert row["is_copy"] and row["nearest_train_id"] == copied_id and row["cosine"] > 0.999
+    assert q["memorisation"]["copies"]["df"] >= 1 and 0 <= q["memorisation"]["real_test_flag_rate"]["flag_rate"] <= 1
+    for f in ("quality.html", "grid_df.png", "metrics_vs_floor.png", "closest_pairs.png", "config.yaml", "log.txt"):
+        assert (out / f).is_file(), f
+    assert "KID_lite0" in (out / "quality.html").read_text()
+
+
+def test_filter_cli(setup):
+    samples, split, copied_id, tmp = setup
+    out = tmp / "filtered"
+    rc = main(["filter", "--samples", str(samples), "--split", str(split), "--out", str(out), *FAST,
+               "--set", "memorisation.orbit=flip"])
+    assert rc == 0
+    info = json.loads((out / "filter.json").read_text())
+    rej = pd.read_csv(out / "rejected.csv", keep_default_na=False)
+    copy_row = rej[rej["nearest_train_id"] == copied_id]
+    assert "copy_of_train" in copy_row["reasons"].iloc[0]
+    assert info["total"]["in"] == info["total"]["kept"] + info["total"]["rejected"]
+    assert info["checks"]["class_prob"].startswith("skipped")
+
+
+def test_bad_input_exits_2(setup, capsys):
+    _, split, _, tmp = setup
+    assert main(["quality", "--samples", str(tmp / "nope"), "--split", str(split)]) == 2
+    assert "samples manifest not found" in capsys.readouterr().err

@@ -1,0 +1,94 @@
+"""Feature extractor registry, the on-disk feature cache, and the Inception weights error."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dermsynth.metrics.feature_cache import cached_features, feature_dir
+from dermsynth.metrics.features import (INCEPTION_FILE, DummyExtractor, ExtractorSpec, make_extractor, metric_name)
+from dermsynth.pretrained import WeightsNotFoundError
+
+
+class Counting:
+    """Wraps an extractor and counts the images it is asked to embed."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, 0
+        self.name, self.version, self.dim, self.n_logits = inner.name, inner.version, inner.dim, inner.n_logits
+
+    def __call__(self, images):
+        self.seen += len(images)
+        return self.inner(images)
+
+
+def _images(n, seed=0, size=24):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_dummy_extractor_is_deterministic_and_content_sensitive():
+    x = _images(4)
+    a, b = DummyExtractor()(x), DummyExtractor()(x)
+    assert a.shape == (4, 64) and a.dtype == np.float32 and np.array_equal(a, b)
+    y = x.copy()
+    y[0, :12] = 0
+    assert not np.allclose(DummyExtractor()(y)[0], a[0]) and np.allclose(DummyExtractor()(y)[1:], a[1:])
+
+
+def test_feature_cache_reuses_and_invalidates(tmp_path):
+    ext = Counting(DummyExtractor())
+    x = _images(6)
+    first = cached_features(x, ext, cache_dir=tmp_path, progress=False)
+    assert ext.seen == 6
+    again = cached_features(x, ext, cache_dir=tmp_path, progress=False)
+    assert ext.seen == 6 and np.array_equal(first, again)  # nothing recomputed
+    subset = cached_features(x[[4, 1, 1]], ext, cache_dir=tmp_path, progress=False)
+    assert ext.seen == 6 and np.array_equal(subset, first[[4, 1, 1]])  # keyed per image, order kept
+    changed = x.copy()
+    changed[2, 3, 3] ^= 1  # one pixel of one image
+    out = cached_features(changed, ext, cache_dir=tmp_path, progress=False)
+    assert ext.seen == 7  # only the edited image
+    assert np.array_equal(out[[0, 1, 3, 4, 5]], first[[0, 1, 3, 4, 5]])
+    assert np.allclose(out[2], DummyExtractor()(changed[2:3])[0])
+
+
+def test_feature_cache_is_separate_per_extractor_version(tmp_path):
+    a = Counting(DummyExtractor())
+    b = Counting(DummyExtractor())
+    b.version = "dummy-other-version"
+    cached_features(_images(3), a, cache_dir=tmp_path, progress=False)
+    cached_features(_images(3), b, cache_dir=tmp_path, progress=False)
+    assert b.seen == 3 and feature_dir(a, tmp_path) != feature_dir(b, tmp_path)
+
+
+def test_feature_cache_ignores_an_unfinished_shard(tmp_path):
+    ext = Counting(DummyExtractor())
+    x = _images(2)
+    cached_features(x, ext, cache_dir=tmp_path, progress=False)
+    for meta in feature_dir(ext, tmp_path).glob("*.json"):
+        meta.unlink()  # as if the run died between writing features and their index
+    cached_features(x, ext, cache_dir=tmp_path, progress=False)
+    assert ext.seen == 4
+
+
+def test_missing_inception_weights_error_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("DERMSYNTH_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(WeightsNotFoundError, match=INCEPTION_FILE) as e:
+        make_extractor(ExtractorSpec("inception", weights=str(tmp_path / "nowhere.pth")))
+    assert "nowhere.pth" in str(e.value) and "lite0" in str(e.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # default location, offline: no download is attempted
+    with pytest.raises(WeightsNotFoundError, match=INCEPTION_FILE):
+        make_extractor(ExtractorSpec("inception"))
+
+
+def test_unknown_extractor_and_metric_names():
+    with pytest.raises(ValueError, match="lite0"):
+        make_extractor("resnet9000")
+    assert metric_name("FD", "lite0") == "FD_lite0" and metric_name("KID", "lite0") == "KID_lite0"
+    assert metric_name("FD", "inception") == "FID"
+
+
+def test_lite0_extractor_pooled_features():
+    ext = make_extractor(ExtractorSpec("lite0", input_size=32, batch_size=4))
+    f = ext(_images(5, size=40))
+    assert f.shape == (5, 1280) and np.isfinite(f).all() and f.std() > 0
+    assert "s32" in ext.version  # the input size is part of the cache key
