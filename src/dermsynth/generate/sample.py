@@ -1,0 +1,137 @@
+"""``dermsynth generate``: sample a generator run into a samples folder (see :mod:`dermsynth.generate.samples`).
+
+The generator's kind (generator.json) picks the path: "scratch" is handled here, "sd15_lora" by
+:func:`dermsynth.generate.sd15.sample.generate_sd` with the same arguments. Under ``accelerate launch`` every
+process takes its round-robin share of the batches; the main process writes the manifest once all are done.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dermsynth.data.labels import CLASSES, parse_classes
+from dermsynth.generate.models import load_unet, weights_file
+from dermsynth.generate.provenance import read_generator_info
+from dermsynth.generate.samplers import SAMPLERS, make_scheduler, sample, to_uint8
+from dermsynth.generate.samples import (SampleItem, SamplePlan, image_seed, missing,
+                                        open_samples_folder, plan_batches, samples_dir_name, save_sample,
+                                        settings_tag, shard, write_samples_manifest)
+from dermsynth.generate.scratch_train import STATE_JSON, list_checkpoints, resolve_checkpoint
+from dermsynth.io import DataError, sha256_file
+from dermsynth.paths import RunPaths
+from dermsynth.runlog import get_logger, run_log
+
+
+def generate(gen_run: str | Path, classes: str | list[str] = "df,vasc,mel", per_class: int = 800,
+             out: str | Path | None = None, sampler: str | None = None, steps: int | None = None,
+             guidance: float | None = None, seed: int = 0, batch_size: int | None = None,
+             checkpoint: str = "latest") -> Path:
+    """Write ``per_class`` images of each class (resuming: existing images are kept); returns the samples folder."""
+    gen_run = Path(gen_run)
+    info = read_generator_info(gen_run)
+    if info.get("kind") == "sd15_lora":
+        from dermsynth.generate.sd15.sample import generate_sd
+
+        return generate_sd(gen_run, classes=classes, per_class=per_class, out=out, sampler=sampler, steps=steps,
+                           guidance=guidance, seed=seed, batch_size=batch_size, checkpoint=checkpoint)
+    if info.get("kind") != "scratch":
+        raise DataError(f"{gen_run}/generator.json: unknown generator kind {info.get('kind')!r}")
+    from accelerate import PartialState
+
+    state = PartialState()
+    plan = plan_scratch(gen_run, info, classes, per_class, out, sampler, steps, guidance, seed, batch_size,
+                        checkpoint, write=state.is_main_process)
+    if state.num_processes > 1:  # the others read the samples.json the main process just wrote
+        state.wait_for_everyone()
+        plan = plan_scratch(gen_run, info, classes, per_class, out, sampler, steps, guidance, seed, batch_size,
+                            checkpoint, write=False)
+    with run_log(plan.folder) if state.is_main_process else contextlib.nullcontext():
+        run_shard(plan, state.process_index, state.num_processes, state.device)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            write_samples_manifest(plan.folder, plan.batches, plan.settings)
+            get_logger("generate").info("samples ready: %s", plan.folder)
+    state.wait_for_everyone()
+    return plan.folder
+
+
+def plan_scratch(gen_run: Path, info: Mapping[str, Any], classes: str | list[str], per_class: int,
+                 out: str | Path | None, sampler: str | None, steps: int | None, guidance: float | None, seed: int,
+                 batch_size: int | None, checkpoint: str, write: bool = True) -> SamplePlan:
+    """Resolve defaults, checkpoint and folder; check (or create) the folder's samples.json; list the batches."""
+    wanted = parse_classes(classes)
+    unknown = [c for c in wanted if c not in info["classes"]]
+    if unknown:
+        raise DataError(f"generator {gen_run} was not trained on class(es) {unknown}; it knows {info['classes']}")
+    defaults = info.get("sampling", {})
+    sampler = sampler or defaults.get("sampler", "dpmpp")
+    if sampler not in SAMPLERS:
+        raise DataError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+    steps = int(steps or defaults.get("steps", 25))
+    guidance = float(guidance if guidance is not None else defaults.get("guidance", 2.0))
+    weights = "raw" if checkpoint == "raw" or not defaults.get("use_ema", True) else "ema"
+    ckpt = resolve_checkpoint(gen_run, checkpoint)
+    step = int(json.loads((ckpt / STATE_JSON).read_text())["step"])
+    settings: dict[str, Any] = {
+        "generator": str(gen_run.resolve()), "kind": "scratch", "checkpoint": str(ckpt.resolve()),
+        "checkpoint_step": step, "checkpoint_hash": sha256_file(ckpt / weights_file(weights))[:16],
+        "weights": weights, "sampler": sampler, "steps": steps, "guidance": guidance, "seed": int(seed),
+        "batch_size": batch_size, "image_size": int(info["image_size"]),
+        "precision": defaults.get("precision", "auto"), "clip_x0": bool(defaults.get("clip_x0", True)),
+        "split": info.get("split"), "split_fingerprint": info.get("split_fingerprint"),
+    }
+    name = samples_dir_name(step, sampler, steps, guidance, seed, "" if weights == "ema" else "raw")
+    folder = Path(out) if out is not None else RunPaths(gen_run).samples_root / name
+    if settings["batch_size"] is None and not (folder / "samples.json").is_file():
+        settings["batch_size"] = int(defaults.get("batch_size", 64))
+    settings = open_samples_folder(folder, settings, write=write)
+    batches = plan_batches(wanted, per_class, int(settings["batch_size"]), int(seed), settings_tag(settings))
+    return SamplePlan(folder=folder, settings=settings, batches=batches)
+
+
+def run_shard(plan: SamplePlan, rank: int, world: int, device: Any = "cpu") -> list[SampleItem]:
+    """Generate the missing images of this process's share of the batches; return the items it wrote."""
+    todo = [(b, m) for b in shard(plan.batches, rank, world) if (m := missing(b, plan.folder))]
+    written: list[SampleItem] = []
+    if not todo:
+        return written
+    s = plan.settings
+    unet = load_unet(Path(s["checkpoint"]), s["weights"], device)
+    scheduler = make_scheduler(s["sampler"], read_generator_info(s["generator"])["schedule"], s["clip_x0"])
+    for batch, miss in tqdm(todo, desc=f"generate[{rank}]", leave=False, disable=rank != 0 and world > 1):
+        labels = [CLASSES.index(batch.label)] * len(batch.seeds)
+        images = to_uint8(sample(unet, scheduler, labels, batch.seeds, s["steps"], s["guidance"], s["precision"]))
+        first = batch.number * len(batch.seeds)
+        for item in miss:
+            save_sample(plan.folder, item, images[item.index - first].numpy(), s)
+            written.append(item)
+    return written
+
+
+def regenerate(row: Mapping[str, Any], device: str = "cpu") -> np.ndarray:
+    """Remake one image (HxWx3 uint8) from its manifest row: same checkpoint (by hash), seeds and batch."""
+    gen_run = Path(str(row["generator"]))
+    info = read_generator_info(gen_run)
+    weights = str(row.get("weights", "ema"))
+    want = str(row["checkpoint_hash"])
+    ckpt = next((c for c in reversed(list_checkpoints(gen_run))
+                 if sha256_file(c / weights_file(weights))[:16] == want), None)
+    if ckpt is None:
+        raise DataError(f"no checkpoint of {gen_run} has weights hash {want}: it was rotated away or the run changed")
+    label, index, bs, base = str(row["label"]), int(row["index"]), int(row["batch_size"]), int(row["base_seed"])
+    number = index // bs
+    seeds = [image_seed(base, label, i) for i in range(number * bs, (number + 1) * bs)]
+    if seeds[index - number * bs] != int(row["seed"]):
+        raise DataError(f"manifest row of {row.get('image_id')}: seed {row['seed']} does not follow from base seed "
+                        f"{base}, class {label}, index {index}")
+    unet = load_unet(ckpt, weights, device)
+    scheduler = make_scheduler(str(row["sampler"]), info["schedule"], bool(info.get("sampling", {}).get("clip_x0", True)))
+    images = sample(unet, scheduler, [CLASSES.index(label)] * bs, seeds, int(row["steps"]), float(row["guidance"]),
+                    "no" if torch.device(device).type == "cpu" else "auto")
+    return to_uint8(images)[index - number * bs].numpy()

@@ -1,0 +1,244 @@
+"""The samples folder every generator writes: names, per-image seeds, batches, shards, PNG provenance, manifest.
+
+Shared by the from-scratch and the Stable Diffusion generators, so both produce the same folder:
+
+    <gen_run>/samples/step00002000_dpmpp25_g2.0_s0/
+        samples.json                      settings that made the folder (a rerun with other settings is refused)
+        images/<class>/<image_id>.png     PNG with text metadata marking it AI-generated
+        manifest.csv                      canonical manifest, source="synthetic", group_id = image_id
+
+Seeds and batches are fixed functions of (base seed, class, index), so any image can be regenerated bit-identically
+from its manifest row: image ``index`` of a class lies in batch ``index // batch_size`` of that class, and every batch
+is always run full (seeds past ``per_class`` are computed and thrown away). This matters because CPU and GPU matrix
+kernels round differently for different batch sizes; the same batch gives the same bits. Batches are the unit of
+resumption (a batch with a missing image is rerun, only missing files are written) and of sharding across processes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from dermsynth import __version__
+from dermsynth.data.manifest import read_manifest, write_manifest
+from dermsynth.io import DataError, atomic_save_image, atomic_write_json
+
+SAMPLES_JSON = "samples.json"
+METADATA_PREFIX = "dermsynth:"
+# IPTC NewsCodes term for media made by a trained generative model (what C2PA / IPTC readers look for).
+IPTC_TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+# Settings that define what is in a samples folder: resuming with any of them changed would mix two generators.
+FIXED_SETTINGS = ("kind", "checkpoint_hash", "weights", "sampler", "steps", "guidance", "seed", "batch_size",
+                  "image_size")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Names and seeds
+# ----------------------------------------------------------------------------------------------------------------------
+
+def samples_dir_name(step: int, sampler: str, steps: int, guidance: float, seed: int, suffix: str = "") -> str:
+    """``step00002000_dpmpp25_g2.0_s0`` (+ ``_<suffix>``, e.g. ``_raw`` for non-EMA weights)."""
+    g = float(guidance)
+    g_txt = f"{g:.1f}" if round(g, 1) == g else f"{g:g}"  # 2 -> "2.0", 1.75 -> "1.75"
+    name = f"step{step:08d}_{sampler}{steps}_g{g_txt}_s{seed}"
+    return f"{name}_{suffix}" if suffix else name
+
+
+def image_seed(base_seed: int, label: str, index: int) -> int:
+    """Per-image seed from (base seed, class, index): stable across runs, machines and Python versions."""
+    digest = hashlib.sha256(f"dermsynth-sample:{base_seed}:{label}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def settings_tag(settings: dict[str, Any]) -> str:
+    """Short hash of a folder's fixed settings, used in image ids so two folders never share an id."""
+    canon = json.dumps({k: settings.get(k) for k in FIXED_SETTINGS}, sort_keys=True)
+    return hashlib.sha256(canon.encode()).hexdigest()[:8]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The plan: batches of items
+# ----------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleItem:
+    label: str
+    index: int
+    seed: int
+    image_id: str
+    relpath: str  # relative to the samples folder
+
+
+@dataclass(frozen=True)
+class SampleBatch:
+    """One fixed batch of one class: ``seeds`` always has batch_size entries; ``items`` are those kept (< per_class)."""
+
+    label: str
+    number: int
+    seeds: tuple[int, ...]
+    items: tuple[SampleItem, ...]
+
+
+def make_item(label: str, index: int, base_seed: int, tag: str) -> SampleItem:
+    image_id = f"syn-{tag}-{label}-{index:06d}"
+    return SampleItem(label, index, image_seed(base_seed, label, index), image_id, f"images/{label}/{image_id}.png")
+
+
+def plan_batches(classes: Sequence[str], per_class: int, batch_size: int, base_seed: int, tag: str) -> list[SampleBatch]:
+    """All batches for ``per_class`` images of each class, class by class, in index order."""
+    if per_class < 0 or batch_size < 1:
+        raise DataError(f"per_class must be >= 0 and batch_size >= 1, got {per_class} and {batch_size}")
+    batches = []
+    for label in classes:
+        for number in range(-(-per_class // batch_size)):
+            idx = range(number * batch_size, (number + 1) * batch_size)
+            seeds = tuple(image_seed(base_seed, label, i) for i in idx)
+            items = tuple(make_item(label, i, base_seed, tag) for i in idx if i < per_class)
+            batches.append(SampleBatch(label, number, seeds, items))
+    return batches
+
+
+def shard(batches: Sequence[SampleBatch], rank: int, world: int) -> list[SampleBatch]:
+    """Batches of process ``rank`` out of ``world``: round-robin, so every batch goes to exactly one process."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world size {world}")
+    return list(batches[rank::world])
+
+
+def missing(batch: SampleBatch, folder: Path) -> list[SampleItem]:
+    """Items of ``batch`` whose PNG is not there yet (PNGs are written atomically: present means complete)."""
+    return [it for it in batch.items if not (folder / it.relpath).is_file()]
+
+
+def current_process() -> tuple[int, int]:
+    """(rank, world size) under ``accelerate launch``; (0, 1) otherwise."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Folder settings
+# ----------------------------------------------------------------------------------------------------------------------
+
+def open_samples_folder(folder: str | Path, settings: dict[str, Any], write: bool = True) -> dict[str, Any]:
+    """Check ``folder``'s samples.json against ``settings`` (refusing a mismatch) or create it; return the settings.
+
+    A folder made with a different batch size keeps its own (so its images stay regenerable) unless the caller
+    asked for one explicitly (``settings["batch_size"]`` not None), which is then refused if different.
+    """
+    folder = Path(folder)
+    path = folder / SAMPLES_JSON
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: corrupt samples settings: {e}; delete the folder to start again") from e
+        if settings.get("batch_size") is None:
+            settings = {**settings, "batch_size": old.get("batch_size")}
+        diff = {k: (old.get(k), settings.get(k)) for k in FIXED_SETTINGS if old.get(k) != settings.get(k)}
+        if diff:
+            detail = ", ".join(f"{k}: folder has {a!r}, asked {b!r}" for k, (a, b) in diff.items())
+            raise DataError(f"{folder} was made with other settings ({detail}); use another --out folder or the "
+                            f"folder's own settings")
+        return {**settings, **{k: old[k] for k in FIXED_SETTINGS if k in old}}
+    if settings.get("batch_size") is None:
+        raise ValueError("settings need a batch_size for a new samples folder")
+    if write:
+        atomic_write_json(path, {**settings, "dermsynth_version": __version__})
+    return settings
+
+
+def read_samples_settings(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / SAMPLES_JSON
+    if not path.is_file():
+        raise DataError(f"{folder} is not a samples folder (no {SAMPLES_JSON}); make one with `dermsynth generate`")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PNG provenance
+# ----------------------------------------------------------------------------------------------------------------------
+
+def png_metadata(item: SampleItem, settings: dict[str, Any]) -> dict[str, str]:
+    """Text chunks that mark an image as AI-generated and say exactly how to remake it."""
+    meta = {
+        "Software": f"dermsynth {__version__}",
+        "Description": f"AI-generated synthetic dermoscopy-like image of class '{item.label}'; not a real patient; "
+                       f"research use only, not for diagnosis.",
+        "ai_generated": "true",
+        "DigitalSourceType": IPTC_TRAINED_ALGORITHMIC_MEDIA,
+    }
+    fields = {"generator": settings.get("generator"), "kind": settings.get("kind"),
+              "checkpoint_hash": settings.get("checkpoint_hash"), "checkpoint_step": settings.get("checkpoint_step"),
+              "weights": settings.get("weights"), "class": item.label, "index": item.index, "seed": item.seed,
+              "base_seed": settings.get("seed"), "batch_size": settings.get("batch_size"),
+              "sampler": settings.get("sampler"), "steps": settings.get("steps"), "guidance": settings.get("guidance"),
+              "image_id": item.image_id}
+    meta.update({METADATA_PREFIX + k: str(v) for k, v in fields.items()})
+    return meta
+
+
+def save_sample(folder: Path, item: SampleItem, image: np.ndarray, settings: dict[str, Any]) -> Path:
+    """Write one generated image (HxWx3 uint8) as a PNG with provenance, atomically."""
+    return atomic_save_image(folder / item.relpath, np.asarray(image, dtype=np.uint8), png_metadata(item, settings))
+
+
+def read_png_metadata(path: str | Path) -> dict[str, str]:
+    """The text chunks of a PNG (empty dict if none)."""
+    with Image.open(path) as im:
+        im.load()
+        return dict(getattr(im, "text", {}) or {})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Manifest
+# ----------------------------------------------------------------------------------------------------------------------
+
+def manifest_rows(items: Iterable[SampleItem], folder: Path, settings: dict[str, Any]) -> pd.DataFrame:
+    rows = [{
+        "image_id": it.image_id, "group_id": it.image_id, "label": it.label, "path": str((folder / it.relpath).resolve()),
+        "source": "synthetic", "seed": it.seed, "base_seed": settings["seed"], "index": it.index,
+        "batch_size": settings["batch_size"], "generator": settings["generator"],
+        "checkpoint_hash": settings["checkpoint_hash"], "checkpoint_step": settings.get("checkpoint_step"),
+        "weights": settings.get("weights"), "guidance": settings["guidance"], "sampler": settings["sampler"],
+        "steps": settings["steps"],
+    } for it in items]
+    return pd.DataFrame(rows)
+
+
+def write_samples_manifest(folder: str | Path, batches: Sequence[SampleBatch], settings: dict[str, Any]) -> Path:
+    """manifest.csv over every image of ``batches`` plus rows of an earlier manifest here (other classes/counts).
+
+    Every listed image must exist: a missing one means a shard did not finish, and is an error, not a silent gap.
+    """
+    folder = Path(folder)
+    items = [it for b in batches for it in b.items]
+    absent = [it.relpath for it in items if not (folder / it.relpath).is_file()]
+    if absent:
+        raise DataError(f"{folder}: {len(absent)} planned image(s) missing, e.g. {absent[:3]}; rerun the same "
+                        f"`dermsynth generate` command to finish them")
+    df = manifest_rows(items, folder, settings)
+    old_path = folder / "manifest.csv"
+    if old_path.is_file():
+        old = read_manifest(old_path)
+        keep = old[~old["image_id"].isin(set(df["image_id"])) & old["path"].map(lambda p: Path(p).is_file())]
+        df = pd.concat([keep, df], ignore_index=True) if len(keep) else df
+    df = df.sort_values(["label", "index"], kind="stable").reset_index(drop=True)
+    return write_manifest(df, old_path)
+
+
+@dataclass
+class SamplePlan:
+    """Everything one ``generate`` call will do, computed identically on every process."""
+
+    folder: Path
+    settings: dict[str, Any]
+    batches: list[SampleBatch] = field(default_factory=list)

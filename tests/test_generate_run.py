@@ -1,0 +1,217 @@
+"""From-scratch generator runs on a tiny random split: training, checkpoints, resume, provenance, sampling, CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dermsynth.cli import main as cli_main
+from dermsynth.config import load_config
+from dermsynth.data.labels import CLASSES
+from dermsynth.data.manifest import read_manifest, write_manifest
+from dermsynth.data.split import SplitConfig, make_split
+from dermsynth.generate.config import GenConfig
+from dermsynth.generate.provenance import check_samples_split, check_split_fingerprint, read_generator_info
+from dermsynth.generate.sample import generate, plan_scratch, regenerate, run_shard
+from dermsynth.generate.samples import read_png_metadata, write_samples_manifest
+from dermsynth.generate.scratch_train import list_checkpoints
+from dermsynth.generate.train import train_generator
+from dermsynth.io import DataError, atomic_save_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_random_split(root: Path, seed: int = 0) -> Path:
+    """7 classes x 5 lesions x 1-2 images of 20 px noise tinted per class; a lesion-grouped split of them."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k, label in enumerate(CLASSES):
+        tint = np.array([40 * k % 255, 255 - 30 * k, 90 + 20 * k])
+        for lesion in range(5):
+            for view in range(1 + lesion % 2):
+                img = np.clip(rng.normal(tint, 40, (20, 20, 3)), 0, 255).astype(np.uint8)
+                image_id = f"img_{label}_{lesion}_{view}"
+                atomic_save_image(root / "images" / f"{image_id}.png", img)
+                rows.append({"image_id": image_id, "group_id": f"les_{label}_{lesion}", "label": label,
+                             "path": str(root / "images" / f"{image_id}.png"), "source": "toy"})
+    write_manifest(pd.DataFrame(rows), root / "manifest.csv")
+    return make_split(root / "manifest.csv", root / "split", SplitConfig(seed=seed))
+
+
+def tiny_config(split: Path, **train) -> GenConfig:
+    overrides = [f"data.split={split}", "data.image_size=16", "model.size=test", "train.batch_size=8",
+                 "train.steps=4", "train.log_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=2",
+                 "train.validate_every=0", "train.validation_per_class=2", "train.validation_steps=2",
+                 "train.warmup_steps=2", "sample.steps=3", "sample.batch_size=4"]
+    overrides += [f"train.{k}={v}" for k, v in train.items()]
+    return load_config(GenConfig, REPO / "configs" / "gen_tiny.yaml", overrides)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> Path:
+    return make_random_split(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, split) -> Path:
+    """A 4-step run (checkpoints at 2 and 4), shared by the sampling tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DERMSYNTH_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return train_generator(tiny_config(split), tmp_path_factory.mktemp("runs") / "gen")
+
+
+def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    out = {f"model.{k}": v for k, v in load_file(ckpt / "model.safetensors").items()}
+    out.update({f"ema.{k}": v for k, v in load_file(ckpt / "ema.safetensors").items()})
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    for i, st in opt["state"].items():
+        out.update({f"opt.{i}.{k}": v for k, v in st.items() if torch.is_tensor(v)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_training_run_layout_and_provenance(trained, split):
+    info = read_generator_info(trained)
+    sp = json.loads(split.read_text())
+    assert info["kind"] == "scratch" and info["split_fingerprint"] == sp["fingerprint"]
+    assert info["train_images"] == len(sp["parts"]["train"])  # the train part only, nothing from val/test
+    assert info["classes"] == list(CLASSES) and info["trained_steps"] == 4 and info["ranks_in_sync"]
+    assert [c.name for c in list_checkpoints(trained)] == ["step_00000002", "step_00000004"]
+    state = json.loads((trained / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["dermsynth_version"] and state["config"]["model"]["size"] == "test"
+    summary = pd.read_csv(trained / "summary.csv")
+    assert summary["step"].tolist() == [2, 4]
+    assert {"loss_q1", "loss_q2", "loss_q3", "loss_q4", "img_per_s"} <= set(summary.columns)
+    assert np.isfinite(summary["loss"]).all()
+    assert (trained / "validation" / "step_00000004.png").is_file()  # a grid at the end even with validate_every=0
+    assert (trained / "config.yaml").is_file() and (trained / "log.txt").is_file()
+    t = _tensors(trained / "checkpoints" / "step_00000004")
+    assert any(not torch.equal(t[k], t["ema." + k[6:]]) for k in t if k.startswith("model."))  # EMA lags
+
+
+def test_rotation_and_resume_give_the_uninterrupted_result(tmp_path, split):
+    full = train_generator(tiny_config(split, checkpoint_every=1, keep_checkpoints=2), tmp_path / "full")
+    assert [c.name for c in list_checkpoints(full)] == ["step_00000003", "step_00000004"]  # rotation keeps 2
+    part = train_generator(tiny_config(split, steps=2), tmp_path / "part")
+    with pytest.raises(DataError, match="--resume latest"):
+        train_generator(tiny_config(split), part)  # no silent restart over existing checkpoints
+    train_generator(tiny_config(split), part, resume="latest")
+    a, b = _tensors(full / "checkpoints" / "step_00000004"), _tensors(part / "checkpoints" / "step_00000004")
+    assert a.keys() == b.keys() and len(a) > 20
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    losses = [pd.read_csv(r / "summary.csv")["loss"].tolist() for r in (full, part)]
+    assert losses[0] == losses[1]
+
+
+def test_resume_refuses_another_split_or_network(tmp_path, trained, split):
+    other = make_random_split(tmp_path / "other", seed=1)
+    with pytest.raises(DataError, match="trained on split"):
+        train_generator(tiny_config(other), trained, resume="latest")
+    cfg = tiny_config(split)
+    cfg.model.prediction_type = "epsilon" if cfg.model.prediction_type == "v_prediction" else "v_prediction"
+    with pytest.raises(DataError, match="model.prediction_type"):
+        train_generator(cfg, trained, resume="latest")
+
+
+def test_class_subset_epsilon_and_min_snr(tmp_path, split):
+    cfg = tiny_config(split, steps=2)
+    cfg.data.classes = ["df", "vasc"]
+    cfg.model.prediction_type = "epsilon"
+    cfg.train.snr_gamma = 5.0
+    run = train_generator(cfg, tmp_path / "gen")
+    info = read_generator_info(run)
+    assert info["classes"] == ["df", "vasc"] and info["schedule"]["prediction_type"] == "epsilon"
+    with pytest.raises(DataError, match="not trained on class"):
+        generate(run, classes="mel", per_class=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Provenance
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_fingerprint_check_refuses_another_split(tmp_path, trained, split):
+    check_split_fingerprint(trained, split)  # its own split passes
+    check_split_fingerprint(trained, split.parent)
+    other = make_random_split(tmp_path / "other", seed=1)
+    with pytest.raises(DataError, match="trained on split"):
+        check_split_fingerprint(trained, other)
+    with pytest.raises(DataError, match="not a generator run"):
+        check_split_fingerprint(tmp_path, split)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_generate_writes_manifest_and_png_provenance_and_resumes(trained, split):
+    out = generate(trained, classes="df,vasc", per_class=5, steps=3, batch_size=4)
+    assert out == trained / "samples" / "step00000004_dpmpp3_g2.0_s0"
+    df = read_manifest(out / "manifest.csv", check_files=True)
+    assert len(df) == 10 and set(df["source"]) == {"synthetic"} and (df["group_id"] == df["image_id"]).all()
+    assert df.groupby("label")["index"].apply(sorted).to_dict() == {"df": list(range(5)), "vasc": list(range(5))}
+    for col in ("seed", "generator", "checkpoint_hash", "guidance", "sampler", "steps"):
+        assert df[col].notna().all(), col
+    for _, row in df.iterrows():
+        meta = read_png_metadata(row["path"])
+        assert meta["ai_generated"] == "true" and meta["dermsynth:class"] == row["label"]
+        assert meta["dermsynth:seed"] == str(row["seed"]) and meta["dermsynth:checkpoint_hash"] == row["checkpoint_hash"]
+    check_samples_split(out, split)
+    # resume: a lost image is remade identically, the others are not touched
+    victim, keep = Path(df["path"][2]), Path(df["path"][7])
+    pixels, mtime = np.asarray(Image.open(victim)), keep.stat().st_mtime_ns
+    victim.unlink()
+    assert generate(trained, classes="df,vasc", per_class=5, steps=3) == out  # batch size from samples.json
+    assert np.array_equal(np.asarray(Image.open(victim)), pixels) and keep.stat().st_mtime_ns == mtime
+    with pytest.raises(DataError, match="other settings"):
+        generate(trained, classes="df", per_class=5, steps=3, batch_size=2, out=out)
+
+
+def test_regenerate_one_image_bit_identically_from_its_manifest_row(trained):
+    out = generate(trained, classes="mel", per_class=6, sampler="ddim", steps=3, guidance=1.5, batch_size=4, seed=11)
+    df = read_manifest(out / "manifest.csv")
+    row = df[df["index"] == 5].iloc[0]  # second batch, second image
+    assert np.array_equal(regenerate(row.to_dict()), np.asarray(Image.open(row["path"])))
+    row0 = df[df["index"] == 0].iloc[0]
+    assert not np.array_equal(regenerate(row0.to_dict()), np.asarray(Image.open(row["path"])))
+
+
+def test_simulated_shards_cover_each_index_once(trained, tmp_path):
+    args = (trained, read_generator_info(trained), "df,vasc,mel", 7, tmp_path / "sharded", "dpmpp", 2, 2.0, 0, 2,
+            "latest")
+    plan = plan_scratch(*args)
+    written = [run_shard(plan_scratch(*args, write=False), r, 3) for r in range(3)]
+    ids = [it.image_id for w in written for it in w]
+    assert len(ids) == len(set(ids)) == 21 and all(written)
+    write_samples_manifest(plan.folder, plan.batches, plan.settings)
+    df = read_manifest(plan.folder / "manifest.csv", check_files=True)
+    assert sorted(df["image_id"]) == sorted(ids)
+    assert run_shard(plan, 0, 1) == []  # everything exists: nothing is redone
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_cli_train_gen_and_generate(tmp_path, split, capsys):
+    run = tmp_path / "gen"
+    sets = ["--set", f"data.split={split}", "--set", "data.image_size=16", "--set", "model.size=test",
+            "--set", "train.steps=2", "--set", "train.batch_size=4", "--set", "train.validation_steps=2",
+            "--set", "train.validation_per_class=1"]
+    assert cli_main(["train-gen", "-c", str(REPO / "configs" / "gen_tiny.yaml"), "--out", str(run), *sets]) == 0
+    assert cli_main(["train-gen", "-c", str(REPO / "configs" / "gen_tiny.yaml"), "--out", str(run), "--resume",
+                     *sets]) == 0  # already at its last step: resumes to the same place
+    assert cli_main(["generate", "--gen", str(run), "--classes", "df", "--per-class", "2", "--steps", "2",
+                     "--sampler", "ddim", "--batch-size", "2"]) == 0
+    out = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(read_manifest(out / "manifest.csv")) == 2
+    assert cli_main(["train-gen", "--out", str(tmp_path / "x"), "--set", "train.nope=1"]) == 2
+    assert cli_main(["generate", "--gen", str(tmp_path), "--classes", "df"]) == 2
