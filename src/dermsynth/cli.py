@@ -56,7 +56,8 @@ def cmd_data_show(a: argparse.Namespace) -> Any:
 
 def cmd_train_clf(a: argparse.Namespace) -> Any:
     cfg = _cfg("dermsynth.classify.config.ClfConfig", a)
-    return _lazy("dermsynth.classify.train", "train_classifier")(cfg, a.out, resume=a.resume)
+    _lazy("dermsynth.classify.train", "train_classifier")(cfg, a.out, resume=a.resume)
+    return a.out / "metrics.json"
 
 
 def cmd_train_gen(a: argparse.Namespace) -> Any:

@@ -1,0 +1,101 @@
+"""Batched augmentation on tensors (on the GPU when the images live there), never per-image PIL.
+
+Input is a uint8 NCHW batch straight from the cache; output is a float batch in [0, 1]. Each image draws its own
+parameters: a random element of the dihedral group (flips and 90-degree rotations: dermoscopy has no "up"), an
+optional zoom-in crop, and brightness / contrast / saturation factors. RandAugment (torchvision v2) is the one
+per-image loop, because its op choice is per call; it stays on tensors.
+
+Random parameters come from a CPU ``torch.Generator`` that the training loop seeds per step, so a resumed run draws the
+same augmentations; RandAugment draws from torch's global RNG, which the loop also seeds per step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dermsynth.classify.config import AugmentConfig
+
+# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without stalling the GPU queue: a plain ``.to(cuda)`` from pageable memory waits for the stream
+    to drain, so every step would idle the GPU while Python prepares the next batch; pinned + non_blocking does not."""
+    if device.type != "cuda" or t.device.type == "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def dihedral(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per image, one of the 8 flips/rotations of the square: optional transpose, then optional h- and v-flip.
+    ``u``: (B, 3) uniform numbers on x's device."""
+    bits = (u.T < 0.5).reshape(3, -1, 1, 1, 1)
+    x = torch.where(bits[0], x.transpose(-1, -2), x)
+    x = torch.where(bits[1], x.flip(-1), x)
+    return torch.where(bits[2], x.flip(-2), x)
+
+
+def zoom(x: torch.Tensor, scale_min: float, u: torch.Tensor) -> torch.Tensor:
+    """Per image, a random square crop of side s in [scale_min, 1] (of the image side) resized back, via one
+    grid_sample. ``u``: (B, 3) uniform numbers (scale, x shift, y shift)."""
+    b = x.shape[0]
+    s = scale_min + (1 - scale_min) * u[:, 0]
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 1, 1] = s, s
+    theta[:, 0, 2], theta[:, 1, 2] = (2 * u[:, 1] - 1) * (1 - s), (2 * u[:, 2] - 1) * (1 - s)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def color_jitter(x: torch.Tensor, strength: float, u: torch.Tensor) -> torch.Tensor:
+    """Per image brightness, contrast and saturation factors in [1 - strength, 1 + strength] (x float in [0, 1]).
+    ``u``: (B, 3) uniform numbers."""
+    b = x.shape[0]
+    f = (1 + strength * (2 * u.to(x.dtype) - 1)).view(b, 3, 1, 1, 1)
+    luma = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    x = x * f[:, 0]
+    mean = (x * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    x = (x - mean) * f[:, 1] + mean
+    gray = (x * luma).sum(1, keepdim=True)
+    x = (x - gray) * f[:, 2] + gray
+    return x.clamp_(0, 1)
+
+
+def randaugment(x: torch.Tensor, ops: int, magnitude: int) -> torch.Tensor:
+    """torchvision v2 RandAugment, one independent draw per image (uint8 NCHW in and out)."""
+    from torchvision.transforms import v2
+
+    ra = v2.RandAugment(num_ops=ops, magnitude=magnitude)
+    return torch.stack([ra(img) for img in x])
+
+
+def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """uint8 NCHW -> augmented float NCHW in [0, 1]. All per-image random numbers are drawn at once from ``gen``
+    (CPU) and moved to the device in one non-blocking copy."""
+    u = to_device(torch.rand(x.shape[0], 9, generator=gen), x.device)
+    if cfg.randaugment:
+        x = randaugment(x, cfg.randaugment_ops, cfg.randaugment_magnitude)
+    if cfg.flips:
+        x = dihedral(x, u[:, 0:3])
+    x = x.float().div_(255)
+    if cfg.scale_min < 1.0:
+        x = zoom(x, cfg.scale_min, u[:, 3:6])
+    if cfg.color_jitter > 0:
+        x = color_jitter(x, cfg.color_jitter, u[:, 6:9])
+    return x
+
+
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(x - mean) / std per channel, x float NCHW in [0, 1]."""
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips/rotations of a batch (test-time augmentation)."""
+    views = []
+    for t in (x, x.transpose(-1, -2)):
+        views += [t, t.flip(-1), t.flip(-2), t.flip(-1).flip(-2)]
+    return views

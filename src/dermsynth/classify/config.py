@@ -1,0 +1,88 @@
+"""The classifier's config: data (split, resolution, synthetic mixing), model (timm name, weights), train, eval.
+
+YAML recipes in ``configs/clf_*.yaml`` set these; ``--set train.lr=3e-4`` overrides; the resolved config is saved as
+``<run>/config.yaml`` and is all that ``predict_images`` needs besides the best checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class DataConfig:
+    split: str = ""  # path of split.json (or its folder); required
+    image_size: int = 128
+    synthetic: str | None = None  # manifest of synthetic images (source="synthetic"); joins the train part only
+    synthetic_required: bool = False  # hybrid recipes: refuse to run (silently real-only) without data.synthetic
+    # n_synthetic = ratio * n_real for each class listed (capped by what exists); other classes stay real only.
+    # ratio 1.0 = a 50 % real / 50 % synthetic train set for those classes.
+    synthetic_classes: list[str] = field(default_factory=lambda: ["df", "vasc", "mel"])
+    synthetic_ratio: float = 1.0
+    synthetic_ratio_per_class: dict[str, float] = field(default_factory=dict)  # overrides synthetic_ratio per class
+    cache_dir: str | None = None  # preprocessed uint8 cache (default: dermsynth.paths.cache_root()/images)
+    gpu_resident_max_gb: float = 16.0  # keep the uint8 images on the GPU when they fit under this
+
+
+@dataclass
+class ModelConfig:
+    name: str = "efficientnet_b0"  # any timm model name (documented: efficientnet_b0, resnet50, tf_efficientnet_lite0)
+    # "none" (random init) | "lite0" (ImageNet Lite0 from the local PyPI package) | a local weight file | "hub"
+    pretrained: str = "none"
+    drop_rate: float = 0.2
+    drop_path_rate: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+
+
+@dataclass
+class AugmentConfig:
+    flips: bool = True  # random flips and 90-degree rotations (dermoscopy has no "up")
+    color_jitter: float = 0.1  # per-image brightness / contrast / saturation factor in [1 - j, 1 + j]; 0 = off
+    scale_min: float = 1.0  # random zoom-in crops keeping >= this fraction of the side; 1.0 = off
+    randaugment: bool = False  # torchvision v2 RandAugment on top (the "RandAugment" baseline)
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01  # cosine decays to lr * this
+    patience: int = 10  # early stopping: epochs without a better val macro-F1
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    loss: Literal["ce", "weighted_ce", "focal"] = "ce"
+    focal_gamma: float = 2.0
+    focal_alpha: str | list[float] = "none"  # "none" | "balanced" (inverse class frequency) | 7 values
+    label_smoothing: float = 0.0
+    sampler: Literal["plain", "oversample"] = "plain"
+    oversample_power: float = 1.0  # sample weight 1 / n_class ** power (1 = every class equally likely)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    checkpoint_every: int = 1  # epochs
+    checkpoint_minutes: float = 10.0  # also mid-epoch after this much time; <= 0 turns it off
+    keep_checkpoints: int = 1
+    keep_final_state: bool = False  # keep the last training-state checkpoint after the run finished (best is kept)
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile the model on CUDA
+
+
+@dataclass
+class EvalConfig:
+    rare_classes: list[str] = field(default_factory=lambda: ["df", "vasc", "mel"])
+    extra_test: dict[str, str] = field(default_factory=dict)  # name -> manifest path (e.g. isic2018: .../manifest.csv)
+    n_boot: int = 1000  # lesion-level bootstrap replicates for the final val/test CIs
+    batch_size: int = 256
+    tta: bool = False  # average the 8 flips/rotations at evaluation
+
+
+@dataclass
+class ClfConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,161 @@
+"""The classifier's data: split parts, synthetic images mixed into the train part only, and cached uint8 arrays.
+
+Synthetic images join the *train* part, per class, at a configured ratio to the real images of that class; they are
+checked never to appear in val, test or an extra test set, and every sample keeps its ``source`` so the run records
+exactly what it trained on.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dermsynth.classify.config import ClfConfig, DataConfig
+from dermsynth.config import ConfigError
+from dermsynth.data.cache import CachedImages, build_cache
+from dermsynth.data.labels import CLASSES, parse_classes
+from dermsynth.data.manifest import read_manifest
+from dermsynth.data.split import Split, load_split
+from dermsynth.io import DataError
+from dermsynth.runlog import get_logger
+
+SYNTHETIC = "synthetic"
+COLUMNS = ["image_id", "group_id", "label", "source", "path"]
+
+
+@dataclass
+class ClfData:
+    """Rows of each part (image_id, group_id, label, source, path), with labels as indices into CLASSES."""
+
+    split: Split
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    extra: dict[str, pd.DataFrame] = field(default_factory=dict)
+    synthetic: dict = field(default_factory=dict)  # what was mixed in: per class real/ratio/available/used
+    manifests: dict[str, pd.DataFrame] = field(default_factory=dict)  # full source manifests (cache units)
+
+    def train_counts(self) -> dict[str, dict[str, int]]:
+        """Per class, how many real and synthetic training images."""
+        syn = self.train["source"] == SYNTHETIC
+        return {c: {"real": int(((self.train["label"] == c) & ~syn).sum()),
+                    "synthetic": int(((self.train["label"] == c) & syn).sum())} for c in CLASSES}
+
+
+def labels_of(df: pd.DataFrame) -> np.ndarray:
+    return np.array(df["label"].map(CLASSES.index), dtype=np.int64)
+
+
+def check_no_synthetic(df: pd.DataFrame, where: str, synthetic_ids: set[str] | frozenset = frozenset()) -> None:
+    """Refuse a val/test set holding synthetic images (by source or by id): scoring on them would be meaningless."""
+    bad = (df["source"].astype(str).str.lower() == SYNTHETIC) | df["image_id"].isin(synthetic_ids)
+    if bad.any():
+        ids = df.loc[bad, "image_id"].head(5).tolist()
+        raise DataError(f"{where}: {int(bad.sum())} synthetic image(s) found, e.g. {ids}; synthetic images may only "
+                        f"join the train part (data.synthetic), never val or test")
+
+
+def _check_generator_split(syn: pd.DataFrame, split: Split, where: str) -> None:
+    """When the manifest names its generator run, its split fingerprint must be ours: a generator that saw our test
+    lesions would leak them into training."""
+    if "generator" not in syn.columns:
+        get_logger("classify").warning("%s has no 'generator' column: cannot verify the generator's split", where)
+        return
+    for gen in syn["generator"].dropna().astype(str).unique():
+        info_path = Path(gen) / "generator.json"
+        if not info_path.is_file():
+            get_logger("classify").warning("%s: generator %s not found here; its split cannot be verified", where, gen)
+            continue
+        fp = json.loads(info_path.read_text()).get("split_fingerprint")
+        if fp is not None and fp != split.fingerprint:
+            raise DataError(f"{where}: generator {gen} was trained on another split (fingerprint {fp[:12]}... vs "
+                            f"{split.fingerprint[:12]}... of {split.path}); train a generator on this split's train part")
+
+
+def synthetic_ratios(cfg: DataConfig) -> dict[str, float]:
+    ratios = {c: cfg.synthetic_ratio for c in parse_classes(cfg.synthetic_classes)}
+    for c, r in cfg.synthetic_ratio_per_class.items():
+        ratios[parse_classes([c])[0]] = float(r)
+    bad = {c: r for c, r in ratios.items() if r < 0}
+    if bad:
+        raise ConfigError(f"data.synthetic_ratio must be >= 0, got {bad}")
+    return ratios
+
+
+def mix_synthetic(train: pd.DataFrame, syn: pd.DataFrame, ratios: dict[str, float], seed: int) -> tuple[pd.DataFrame, dict]:
+    """Add ``round(ratio * n_real)`` synthetic images per class (capped by what exists), picked at random by ``seed``."""
+    rng = np.random.default_rng(seed)
+    parts, info = [train], {}
+    for c in CLASSES:
+        n_real = int((train["label"] == c).sum())
+        pool = syn[syn["label"] == c]
+        want = int(round(ratios.get(c, 0.0) * n_real))
+        used = min(want, len(pool))
+        if used:
+            parts.append(pool.iloc[np.sort(rng.choice(len(pool), size=used, replace=False))])
+        if c in ratios:
+            info[c] = {"ratio": ratios[c], "real": n_real, "requested": want, "available": int(len(pool)), "used": used}
+    mixed = pd.concat(parts, ignore_index=True)
+    return mixed, info
+
+
+def load_clf_data(cfg: ClfConfig) -> ClfData:
+    """Split parts + synthetic mixing + extra test sets, all checked."""
+    if not cfg.data.split:
+        raise ConfigError("data.split is required: the path of a split.json (dermsynth data split ...)")
+    if cfg.data.synthetic_required and not cfg.data.synthetic:
+        raise ConfigError("this recipe mixes synthetic images: set data.synthetic to a samples manifest.csv "
+                          "(dermsynth generate / filter output)")
+    split = load_split(cfg.data.split)
+    parts = {p: split.part(p)[COLUMNS].copy() for p in ("train", "val", "test")}
+    syn_ids: set[str] = set()
+    info: dict = {}
+    manifests = {"split": split.manifest}
+    if cfg.data.synthetic:
+        syn = read_manifest(cfg.data.synthetic)
+        where = str(cfg.data.synthetic)
+        not_syn = syn["source"].astype(str).str.lower() != SYNTHETIC
+        if not_syn.any():
+            raise DataError(f"{where}: data.synthetic must list synthetic images only (source=synthetic); rows "
+                            f"{(np.flatnonzero(not_syn.to_numpy())[:5] + 2).tolist()} have source "
+                            f"{syn.loc[not_syn, 'source'].unique()[:3].tolist()}")
+        clash = set(syn["image_id"]) & set(split.manifest["image_id"])
+        if clash:
+            raise DataError(f"{where}: image ids {sorted(clash)[:5]} also name real images of {split.manifest_path}")
+        _check_generator_split(syn, split, where)
+        syn_ids = set(syn["image_id"])
+        manifests["synthetic"] = syn
+        parts["train"], info = mix_synthetic(parts["train"], syn[COLUMNS], synthetic_ratios(cfg.data), cfg.train.seed)
+        info = {"manifest": str(Path(cfg.data.synthetic).resolve()), "per_class": info}
+    for p in ("val", "test"):
+        check_no_synthetic(parts[p], f"{split.path}: {p} part", syn_ids)
+    extra = {}
+    for name, path in cfg.eval.extra_test.items():
+        df = read_manifest(path)[COLUMNS].copy()
+        check_no_synthetic(df, f"eval.extra_test {name} ({path})", syn_ids)
+        extra[name] = df
+    return ClfData(split, parts["train"], parts["val"], parts["test"], extra, info, manifests)
+
+
+def open_caches(manifests: dict[str, pd.DataFrame], size: int, cache_dir: str | None) -> list[CachedImages]:
+    """The preprocessed cache of each whole source manifest (built once, then shared by every run, part and ratio)."""
+    return [build_cache(df, size, cache_dir) for df in manifests.values()]
+
+
+def load_images(df: pd.DataFrame, size: int, cache_dir: str | None, caches: list[CachedImages] | None = None) -> np.ndarray:
+    """uint8 (N, S, S, 3) images of ``df`` in row order, taken from ``caches`` (see :func:`open_caches`); rows found
+    in none of them (or no ``caches``) are cached as ``df`` itself."""
+    out = np.empty((len(df), size, size, 3), dtype=np.uint8)
+    done = np.zeros(len(df), dtype=bool)
+    for cache in caches or []:
+        mask = df["image_id"].isin(set(cache.ids)).to_numpy() & ~done
+        if mask.any():
+            out[mask] = cache.take(df.loc[mask, "image_id"])
+            done |= mask
+    if not done.all():
+        rest = df.loc[~done]
+        out[~done] = build_cache(rest, size, cache_dir).take(rest["image_id"])
+    return out

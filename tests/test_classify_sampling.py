@@ -1,0 +1,91 @@
+"""Epoch orders, oversampling weights, sharding, and batched augmentation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dermsynth.classify.augment import augment_batch, color_jitter, dihedral, dihedral_views, zoom
+from dermsynth.classify.config import AugmentConfig
+from dermsynth.classify.sampling import epoch_order, oversample_weights, shard_batches
+
+LABELS = np.array([5] * 80 + [4] * 12 + [2] * 5 + [3] * 2 + [6] * 1)
+
+
+def test_oversample_weights_give_each_class_equal_mass():
+    w = oversample_weights(LABELS)
+    assert w.sum() == pytest.approx(1.0)
+    mass = {c: w[LABELS == c].sum() for c in np.unique(LABELS)}
+    assert all(m == pytest.approx(1 / 5) for m in mass.values())
+    assert w[LABELS == 6][0] == pytest.approx(80 * w[LABELS == 5][0])  # the single vasc image: 80x a nevus
+    half = oversample_weights(LABELS, power=0.5)
+    assert half[LABELS == 6][0] / half[LABELS == 5][0] == pytest.approx(np.sqrt(80))
+    assert np.allclose(oversample_weights(LABELS, power=0.0), 1 / len(LABELS))
+
+
+def test_epoch_orders():
+    a = epoch_order(LABELS, epoch=3, seed=0)
+    assert sorted(a) == list(range(len(LABELS)))
+    assert np.array_equal(a, epoch_order(LABELS, epoch=3, seed=0))
+    assert not np.array_equal(a, epoch_order(LABELS, epoch=4, seed=0))
+    assert not np.array_equal(a, epoch_order(LABELS, epoch=3, seed=1))
+    draws = np.concatenate([epoch_order(LABELS, e, 0, "oversample") for e in range(60)])
+    freq = np.bincount(LABELS[draws], minlength=7)[[2, 3, 4, 5, 6]] / len(draws)
+    assert np.allclose(freq, 0.2, atol=0.02)
+
+
+def test_shards_are_disjoint_equal_and_full_batches():
+    order = np.random.default_rng(0).permutation(100)
+    one = shard_batches(order, 16)
+    assert len(one) == 6 and all(len(b) == 16 for b in one)
+    r0, r1 = shard_batches(order, 16, 0, 2), shard_batches(order, 16, 1, 2)
+    assert len(r0) == len(r1) == 3
+    assert not set(np.concatenate(r0)) & set(np.concatenate(r1))
+    assert len(shard_batches(order[:10], 16)[0]) == 10  # fewer rows than a batch: one smaller batch
+    with pytest.raises(ValueError):
+        shard_batches(order[:3], 16, 0, 2)
+
+
+def _images(n: int = 6, s: int = 8) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def _u(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def test_dihedral_gives_each_image_one_of_eight_views_and_is_seeded():
+    x = _images()
+    out = dihedral(x, _u(len(x), 1))
+    seen = set()
+    for i in range(len(x)):
+        views = dihedral_views(x[i:i + 1])
+        match = [k for k, v in enumerate(views) if torch.equal(v[0], out[i])]
+        assert match
+        seen.add(match[0])
+    assert torch.equal(out, dihedral(x, _u(len(x), 1)))
+    many = dihedral(x[:1].expand(64, -1, -1, -1), _u(64, 2))
+    kinds = {next(k for k, v in enumerate(dihedral_views(x[:1])) if torch.equal(v[0], m)) for m in many}
+    assert len(kinds) == 8
+
+
+def test_color_jitter_and_zoom():
+    x = _images().float() / 255
+    assert torch.allclose(color_jitter(x.clone(), 0.0, _u(len(x), 0)), x)
+    j = color_jitter(x.clone(), 0.3, _u(len(x), 0))
+    assert j.min() >= 0 and j.max() <= 1 and not torch.allclose(j, x)
+    assert torch.allclose(zoom(x, 1.0, _u(len(x), 0)), x, atol=1e-5)
+    z = zoom(x, 0.5, _u(len(x), 0))
+    assert z.shape == x.shape and not torch.allclose(z, x)
+
+
+def test_augment_batch_pipeline():
+    x = _images(4, 16)
+    cfg = AugmentConfig(flips=True, color_jitter=0.1, scale_min=0.8, randaugment=True)
+    torch.manual_seed(0)
+    a = augment_batch(x, cfg, torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    b = augment_batch(x, cfg, torch.Generator().manual_seed(3))
+    assert a.dtype == torch.float32 and a.shape == (4, 3, 16, 16) and torch.equal(a, b)
+    off = AugmentConfig(flips=False, color_jitter=0.0, scale_min=1.0, randaugment=False)
+    assert torch.equal(augment_batch(x, off, torch.Generator()), x.float() / 255)

@@ -1,0 +1,259 @@
+"""Training runs end to end on tiny data: outputs, provenance, resume equivalence, early stopping, DDP, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dermsynth.classify.config import ClfConfig
+from dermsynth.classify.predict import predict_images
+from dermsynth.classify.train import SUMMARY_COLUMNS, train_classifier
+from dermsynth.cli import main as cli_main
+from dermsynth.config import ConfigError, load_config
+from dermsynth.data.cache import build_cache
+from dermsynth.data.labels import CLASSES
+from dermsynth.data.manifest import write_manifest
+from dermsynth.data.split import load_split, make_split
+from dermsynth.data.toy import ToyConfig, make_toy
+from dermsynth.io import atomic_save_image
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "clf_tiny.yaml"
+TIMING = ["img_s", "elapsed_s"]
+
+
+@pytest.fixture(scope="module")
+def toy_split(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clf_train")
+    manifest = make_toy(root / "toy", ToyConfig(n_images=160, size=24, seed=2))
+    return make_split(manifest, root / "split")
+
+
+def tiny_cfg(split: Path, *overrides: str) -> ClfConfig:
+    return load_config(ClfConfig, TINY, [f"data.split={split}", "data.image_size=24", "train.epochs=2",
+                                         "train.batch_size=16", "eval.n_boot=50", *overrides])
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / "best" / "model.safetensors"))
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """Bit-identical best weights, per-epoch history (timing aside), predictions and test/val metrics."""
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa, sb = pd.read_csv(a / "summary.csv"), pd.read_csv(b / "summary.csv")
+    pd.testing.assert_frame_equal(sa.drop(columns=TIMING), sb.drop(columns=TIMING))
+    pd.testing.assert_frame_equal(pd.read_csv(a / "predictions.csv"), pd.read_csv(b / "predictions.csv"))
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (a, b))
+    assert ma["test"] == mb["test"] and ma["val"] == mb["val"] and ma["best_epoch"] == mb["best_epoch"]
+
+
+def _write_synthetic(root: Path, per_class: dict[str, int], size: int = 24) -> Path:
+    """A samples folder in the canonical form: random PNGs, source=synthetic, group_id = image_id."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for c, n in per_class.items():
+        for i in range(n):
+            path = root / "images" / f"syn_{c}_{i:04d}.png"
+            atomic_save_image(path, rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+            rows.append({"image_id": path.stem, "group_id": path.stem, "label": c, "path": str(path),
+                         "source": "synthetic"})
+    return write_manifest(pd.DataFrame(rows), root / "manifest.csv")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(global_step: int):
+    def hook(epoch: int, step: int, g: int) -> None:
+        if g == global_step:
+            raise Interrupt
+    return hook
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_run_writes_outputs_with_provenance(toy_split, tmp_path):
+    syn = _write_synthetic(tmp_path / "syn", {"df": 20, "vasc": 20, "mel": 20})
+    cfg = tiny_cfg(toy_split, f"data.synthetic={syn}")
+    run = tmp_path / "run"
+    m = train_classifier(cfg, run)
+    for name in ("config.yaml", "log.txt", "summary.csv", "predictions.csv", "metrics.json", "train_set.csv",
+                 "checkpoints/best/model.safetensors", "checkpoints/best/meta.json"):
+        assert (run / name).is_file(), name
+    assert not list((run / "checkpoints").glob("step_*"))  # training state is dropped once metrics.json exists
+    summary = pd.read_csv(run / "summary.csv")
+    assert list(summary.columns) == SUMMARY_COLUMNS and summary["epoch"].tolist() == [1, 2]
+    assert m["best_epoch"] == int(summary["epoch"][summary["val_macro_f1"].idxmax()])
+    assert m == json.loads((run / "metrics.json").read_text())
+    assert {"test", "val", "best_epoch", "extra", "wall_s", "train_counts"} <= set(m)
+    assert 0 <= m["test"]["macro_f1"] <= 1 and set(m["test"]["ci"]) >= {"macro_f1", "minority_f1"}
+
+    # provenance: synthetic images trained on (and recorded), never scored
+    split = load_split(toy_split)
+    train_set = pd.read_csv(run / "train_set.csv")
+    syn_rows = train_set[train_set["source"] == "synthetic"]
+    assert len(syn_rows) == sum(v["synthetic"] for v in m["train_counts"].values()) > 0
+    assert set(syn_rows["label"]) <= {"df", "vasc", "mel"}
+    for c in ("df", "vasc", "mel"):
+        assert m["train_counts"][c]["synthetic"] == min(20, m["train_counts"][c]["real"])
+    preds = pd.read_csv(run / "predictions.csv")
+    assert preds["image_id"].tolist() == split.parts["test"]
+    assert (preds["source"] != "synthetic").all()
+    assert list(preds.columns[:4]) == ["image_id", "group_id", "label", "source"]
+    probs = preds[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+
+    # predict_images reproduces the best epoch's test probabilities from the run folder alone
+    test_df = split.part("test")
+    images = build_cache(split.manifest, 24).take(test_df["image_id"])
+    assert np.allclose(predict_images(run, images), probs, atol=1e-5)
+    big = np.repeat(np.repeat(images, 2, axis=1), 2, axis=2)  # 48 px: resized to the run's 24 px
+    assert predict_images(run, big).shape == (len(images), 7)
+
+    # the run folder is protected; resume of a finished run returns its metrics; a changed config is refused
+    with pytest.raises(ConfigError, match="--resume"):
+        train_classifier(cfg, run)
+    assert train_classifier(cfg, run, resume=True) == m
+    with pytest.raises(ConfigError, match="train.lr"):
+        train_classifier(tiny_cfg(toy_split, f"data.synthetic={syn}", "train.lr=0.1"), run, resume=True)
+
+
+def test_resume_mid_epoch_and_at_epoch_end_equals_uninterrupted(toy_split, tmp_path):
+    """Interrupt a run (i) right after a mid-epoch time checkpoint and (ii) early in an epoch with epoch-end
+    checkpoints only (the partial epoch is replayed); both resumed runs end bit-identical to an uninterrupted one."""
+    over = ["train.epochs=2", "train.augment.randaugment=true", "train.augment.scale_min=0.8", "model.drop_rate=0.3",
+            "train.sampler=oversample", "train.loss=focal"]
+    full = tmp_path / "full"
+    train_classifier(tiny_cfg(toy_split, *over), full)
+    steps = len(pd.read_csv(full / "train_set.csv")) // 16  # optimiser steps per epoch
+
+    mid = tmp_path / "mid"
+    cfg_mid = tiny_cfg(toy_split, *over, "train.checkpoint_minutes=1e-9")  # a checkpoint after every step
+    with pytest.raises(Interrupt):
+        train_classifier(cfg_mid, mid, on_step=_interrupt_at(steps + 2))
+    assert not (mid / "metrics.json").exists()
+    train_classifier(cfg_mid, mid, resume=True)
+    _same_run(full, mid)
+
+    edge = tmp_path / "edge"
+    cfg_edge = tiny_cfg(toy_split, *over)
+    with pytest.raises(Interrupt):
+        train_classifier(cfg_edge, edge, on_step=_interrupt_at(steps + 1))
+    assert len(pd.read_csv(edge / "summary.csv")) == 1
+    train_classifier(cfg_edge, edge, resume=True)
+    _same_run(full, edge)
+
+
+def test_early_stopping_and_extra_test_sets(toy_split, tmp_path):
+    split = load_split(toy_split)
+    cfg = tiny_cfg(toy_split, "train.epochs=8", "train.patience=1", "train.lr=1e-9",
+                   f"eval.extra_test={{again: {split.manifest_path}}}")
+    m = train_classifier(cfg, tmp_path / "run")
+    f1 = pd.read_csv(tmp_path / "run" / "summary.csv")["val_macro_f1"].tolist()
+    best, bad, expected_stop = -1.0, 0, len(f1)
+    for i, v in enumerate(f1):  # replay the rule: stop after `patience` epochs without a strictly better val F1
+        best, bad = (v, 0) if v > best else (best, bad + 1)
+        if bad >= 1:
+            expected_stop = i + 1
+            break
+    assert m["epochs_run"] == len(f1) == expected_stop < 8 and m["stopped_early"]
+    assert m["best_epoch"] == int(np.argmax(f1)) + 1
+    assert m["extra"]["again"]["n"] == len(split.manifest)
+    assert len(pd.read_csv(tmp_path / "run" / "predictions_again.csv")) == len(split.manifest)
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_the_same_result(toy_split, tmp_path):
+    """SIGKILL a CLI training process after its first checkpoint, resume, compare with an uninterrupted run."""
+    over = ["train.epochs=5", "train.checkpoint_every=1", "train.augment.randaugment=true"]
+    full = tmp_path / "full"
+    train_classifier(tiny_cfg(toy_split, *over), full)
+    killed = tmp_path / "killed"
+    args = ["-c", str(TINY), "--out", str(killed)]
+    for item in [f"data.split={toy_split}", "data.image_size=24", "train.batch_size=16", "eval.n_boot=50", *over]:
+        args += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dermsynth.cli", "train-clf", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((killed / "checkpoints").glob("step_*/state.pt")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if (killed / "metrics.json").exists():
+        pytest.skip("the run finished before it could be killed (machine too fast for this test's timing)")
+    train_classifier(tiny_cfg(toy_split, *over), killed, resume=True)
+    _same_run(full, killed)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_one_epoch(toy_split, tmp_path):
+    """accelerate launch, 2 processes, gloo on CPU: one epoch, rank 0 writes a complete run folder."""
+    launcher = Path(sys.executable).with_name("accelerate")
+    if not launcher.is_file() or not torch.distributed.is_gloo_available():
+        pytest.skip("accelerate launcher or torch.distributed gloo backend not available")
+    run = tmp_path / "ddp"
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dermsynth.cli", "train-clf", "-c", str(TINY),
+           "--out", str(run)]
+    for item in [f"data.split={toy_split}", "data.image_size=24", "train.epochs=1", "train.batch_size=16",
+                 "eval.n_boot=20", "train.device=cpu"]:
+        cmd += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["processes"] == 2 and m["epochs_run"] == 1
+    assert len(pd.read_csv(run / "summary.csv")) == 1
+    preds = pd.read_csv(run / "predictions.csv")
+    assert preds["image_id"].tolist() == load_split(toy_split).parts["test"]  # gathered back in order
+    assert (run / "log.txt").read_text().count("epoch 1/1") == 1  # rank 0 alone writes the log
+
+
+def test_cli_end_to_end_on_toy(toy_split, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = cli_main(["train-clf", "-c", str(TINY), "--set", f"data.split={toy_split}", "--set", "train.epochs=1",
+                   "--set", "eval.n_boot=20", "--out", str(out)])
+    assert rc == 0 and (out / "metrics.json").is_file()
+    assert cli_main(["train-clf", "-c", str(TINY), "--set", "train.nope=1", "--out", str(tmp_path / "x")]) == 2
+    assert cli_main(["train-clf", "-c", str(TINY), "--out", str(tmp_path / "y")]) == 2  # no data.split
+    hybrid = REPO / "configs" / "clf_hybrid.yaml"
+    assert cli_main(["train-clf", "-c", str(hybrid), "--set", f"data.split={toy_split}", "--out",
+                     str(tmp_path / "z")]) == 2  # hybrid without synthetic images is refused
+    assert "data.synthetic" in capsys.readouterr().err
+
+
+def test_cli_end_to_end_on_ham10000_sample(ham_manifest, tmp_path):
+    split = make_split(ham_manifest, tmp_path / "split")
+    out = tmp_path / "ham_run"
+    rc = cli_main(["train-clf", "-c", str(TINY), "--set", f"data.split={split}", "--set", "train.epochs=2",
+                   "--set", "eval.n_boot=20", "--out", str(out)])
+    assert rc == 0
+    preds = pd.read_csv(out / "predictions.csv")
+    assert preds["image_id"].str.startswith("ISIC_").all()
+    assert preds["image_id"].tolist() == load_split(split).parts["test"]
+    assert json.loads((out / "metrics.json").read_text())["test"]["n"] == len(preds)
+
+
+def test_all_recipes_load():
+    for path in sorted((REPO / "configs").glob("clf_*.yaml")):
+        cfg = load_config(ClfConfig, path)
+        assert cfg.train.epochs >= 1 and cfg.model.name
+    names = {p.stem for p in (REPO / "configs").glob("clf_*.yaml")}
+    assert {"clf_resnet50", "clf_efficientnet_b0", "clf_lite0", "clf_oversample", "clf_randaugment", "clf_focal",
+            "clf_hybrid", "clf_tiny"} <= names
