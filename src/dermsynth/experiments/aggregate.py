@@ -1,0 +1,282 @@
+"""Aggregate a finished grid of classifier runs: tidy tables over seeds, comparisons with the best baseline, criteria.
+
+Reads each run's ``metrics.json`` (and ``predictions.csv`` for the lesion bootstrap) and writes under
+``<study>/aggregate/``:
+
+    runs.csv         one row per condition x seed x part x metric (the raw numbers)
+    table.csv        condition x part x metric: n, mean, std, 95 % t-interval over seeds
+    comparisons.csv  each condition minus the best baseline: paired t-test over seeds and lesion-level bootstrap
+    criteria.csv     the seed's success criteria, filled with what was measured (met / not met / not measurable)
+    aggregate.json   the choices made (best baseline and why), mean confusion matrices, sweep ratios
+
+The best baseline is chosen on the VALIDATION part; the test part is only ever reported.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from dermsynth.data.labels import CLASSES
+from dermsynth.experiments.stats import BOOT_METRICS, lesion_bootstrap_diff, mean_ci, paired_t
+from dermsynth.io import DataError, atomic_write_csv, atomic_write_json
+from dermsynth.paths import RunPaths, StudyPaths
+
+HEADLINE = ("macro_f1", "minority_f1", "balanced_accuracy", "accuracy", "auc_macro_ovr")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One row of the seed's success criteria: ``metric`` must reach ``target`` (and ideally ``stretch``)."""
+
+    name: str
+    metric: str
+    baseline: float | None  # the seed's starting point, for reference only
+    target: float
+    stretch: float
+    higher_is_better: bool = True
+
+
+SEED_CRITERIA: tuple[Criterion, ...] = (
+    Criterion("macro-F1", "macro_f1", 0.62, 0.70, 0.75),
+    Criterion("minority F1 (rare classes)", "minority_f1", 0.45, 0.55, 0.62),
+    Criterion("accuracy", "accuracy", None, 0.82, 0.85),
+    Criterion("FID (synthetic vs real test)", "fid", None, 30.0, 20.0, higher_is_better=False),
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading runs
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _read_metrics(run: Path) -> dict:
+    path = RunPaths(run).metrics
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: missing; the classifier run did not finish (rerun the study to resume it)") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: corrupt metrics file: {e}") from e
+
+
+def _flatten(part: Mapping[str, Any]) -> dict[str, float]:
+    """Scalar metrics of one part plus per-class F1 / recall as ``f1_<class>``, ``recall_<class>``."""
+    out = {k: float(v) for k, v in part.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for c, pc in (part.get("per_class") or {}).items():
+        for m in ("f1", "recall", "precision"):
+            if m in pc and pc[m] is not None:
+                out[f"{m}_{c}"] = float(pc[m])
+    return out
+
+
+def collect_runs(runs: Mapping[str, Mapping[int, Path]]) -> pd.DataFrame:
+    """Long table (condition, seed, part, metric, value) from every run's metrics.json."""
+    rows = []
+    for cond, by_seed in runs.items():
+        for seed, run in sorted(by_seed.items()):
+            m = _read_metrics(Path(run))
+            for part in ("test", "val"):
+                for metric, value in _flatten(m.get(part) or {}).items():
+                    rows.append({"condition": cond, "seed": int(seed), "part": part, "metric": metric, "value": value})
+    return pd.DataFrame(rows, columns=["condition", "seed", "part", "metric", "value"])
+
+
+def summarise(long: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """condition x part x metric -> n, mean, std, ci_lo, ci_hi (t-interval over seeds); condition order kept."""
+    rows = []
+    for (cond, part, metric), g in long.groupby(["condition", "part", "metric"], sort=False):
+        rows.append({"condition": cond, "part": part, "metric": metric, **mean_ci(g["value"].tolist(), level)})
+    return pd.DataFrame(rows, columns=["condition", "part", "metric", "n", "mean", "std", "ci_lo", "ci_hi"])
+
+
+def pick_best_baseline(table: pd.DataFrame, baselines: Sequence[str]) -> tuple[str, dict[str, float]]:
+    """The baseline with the highest mean VALIDATION macro-F1 (never test); ties go to the first listed."""
+    val = table[(table["part"] == "val") & (table["metric"] == "macro_f1")].set_index("condition")["mean"]
+    scores = {b: float(val[b]) for b in baselines if b in val.index and not math.isnan(val[b])}
+    if not scores:
+        raise DataError(f"no baseline among {list(baselines)} has a validation macro-F1; cannot pick the reference")
+    best = max(scores, key=lambda b: (scores[b], -list(baselines).index(b)))
+    return best, scores
+
+
+def _read_predictions(run: Path) -> pd.DataFrame | None:
+    path = RunPaths(run).predictions
+    return pd.read_csv(path, dtype={"image_id": str, "group_id": str}) if path.is_file() else None
+
+
+def compare(long: pd.DataFrame, runs: Mapping[str, Mapping[int, Path]], reference: str, rare: Sequence[str],
+            n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """Each condition minus ``reference`` on the test part: paired t-test over shared seeds and lesion bootstrap."""
+    test = long[long["part"] == "test"]
+    rows = []
+    for cond in runs:
+        if cond == reference:
+            continue
+        seeds = sorted(set(runs[cond]) & set(runs[reference]))
+        boot: dict[str, dict[str, float]] = {}
+        preds_a = [_read_predictions(Path(runs[cond][s])) for s in seeds]
+        preds_b = [_read_predictions(Path(runs[reference][s])) for s in seeds]
+        if seeds and all(p is not None for p in preds_a + preds_b):
+            boot = lesion_bootstrap_diff(preds_a, preds_b, rare=rare, n_boot=n_boot, seed=seed, level=level)
+        for metric in HEADLINE:
+            a = test[(test["condition"] == cond) & (test["metric"] == metric)].set_index("seed")["value"]
+            b = test[(test["condition"] == reference) & (test["metric"] == metric)].set_index("seed")["value"]
+            common = [s for s in seeds if s in a.index and s in b.index]
+            if not common:
+                continue
+            row = {"condition": cond, "reference": reference, "metric": metric,
+                   **paired_t(a.loc[common].to_numpy(), b.loc[common].to_numpy(), level)}
+            bm = boot.get(metric)
+            row.update(boot_diff=bm["diff"] if bm else math.nan, boot_lo=bm["lo"] if bm else math.nan,
+                       boot_hi=bm["hi"] if bm else math.nan, boot_p=bm["p"] if bm else math.nan,
+                       n_lesions=bm["n_lesions"] if bm else 0)
+            rows.append(row)
+    cols = ["condition", "reference", "metric", "n", "diff", "diff_std", "diff_lo", "diff_hi", "t", "p",
+            "boot_diff", "boot_lo", "boot_hi", "boot_p", "n_lesions"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The seed's success criteria
+# ----------------------------------------------------------------------------------------------------------------------
+
+def find_fid(quality: Mapping[str, Any] | None) -> tuple[float | None, str]:
+    """The standard (Inception-feature) FID from a quality.json, or None and why it is not measurable here.
+
+    quality.json names every number by its extractor: ``FID`` only with Inception features, ``FD_<name>`` otherwise
+    (see :func:`dermsynth.metrics.features.metric_name`). Pooled over the synthetic classes when available.
+    """
+    if not quality:
+        return None, "no quality.json in this study (quality stage not run)"
+    groups = {g: v for g, v in (quality.get("groups") or {}).items() if isinstance(v, dict) and "synthetic" in v}
+    fid = {g: v["synthetic"]["FID"] for g, v in groups.items() if "FID" in v["synthetic"]}
+    if fid:
+        g = "pooled" if "pooled" in fid else max(fid, key=fid.get)
+        floor = groups[g].get("floor", {}).get("FID")
+        note = f"Inception FID, {g} (N={groups[g].get('N')}; real-vs-real floor {_num(floor)}); FID is biased upward at small N"
+        return float(fid[g]), note
+    extractor = quality.get("extractor", "unknown")
+    why = f"no Inception weights here (features: {extractor}), so no standard FID"
+    fd = {g: (k, v["synthetic"][k], v.get("floor", {}).get(k)) for g, v in groups.items()
+          for k in v["synthetic"] if k.startswith("FD_") and not k.endswith("_std")}
+    if fd:
+        g = "pooled" if "pooled" in fd else next(iter(fd))
+        k, val, floor = fd[g]
+        why += f"; {k} ({g}) = {_num(val)} against a real-vs-real floor of {_num(floor)} is not FID and not comparable to 30 / 20"
+    return None, why
+
+
+def _num(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) else "n/a"
+
+
+def criteria_table(table: pd.DataFrame, primary: str, quality: Mapping[str, Any] | None,
+                   criteria: Sequence[Criterion] = SEED_CRITERIA) -> pd.DataFrame:
+    """Fill the seed's criteria with the primary condition's test means (and the standard FID, when measurable)."""
+    test = table[(table["part"] == "test") & (table["condition"] == primary)].set_index("metric")
+    rows = []
+    for c in criteria:
+        row = {"criterion": c.name, "metric": c.metric, "seed_baseline": c.baseline, "target": c.target,
+               "stretch": c.stretch, "direction": ">=" if c.higher_is_better else "<", "condition": primary,
+               "measured": math.nan, "ci_lo": math.nan, "ci_hi": math.nan}
+        if c.metric == "fid":
+            value, why = find_fid(quality)
+            row["condition"] = "generator"
+            if value is None:
+                rows.append({**row, "status": "not measurable here", "note": why})
+                continue
+            row["measured"] = value
+            note = why
+        else:
+            if c.metric not in test.index or math.isnan(test.loc[c.metric, "mean"]):
+                rows.append({**row, "status": "not measurable here",
+                             "note": f"condition {primary!r} has no test {c.metric} (not run?)"})
+                continue
+            r = test.loc[c.metric]
+            row.update(measured=float(r["mean"]), ci_lo=float(r["ci_lo"]), ci_hi=float(r["ci_hi"]))
+            note = f"mean over {int(r['n'])} seed(s) of {primary}"
+        v = row["measured"]
+        ok = (lambda t: v >= t) if c.higher_is_better else (lambda t: v < t)
+        status = "met (stretch)" if ok(c.stretch) else "met" if ok(c.target) else "not met"
+        if c.higher_is_better and status != "not met" and not math.isnan(row["ci_lo"]) and row["ci_lo"] < c.target:
+            note += "; the CI's lower end is below the target"
+        rows.append({**row, "status": status, "note": note})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------------------------------
+
+def mean_confusions(runs: Mapping[str, Mapping[int, Path]]) -> dict[str, list[list[float]]]:
+    """Row-normalised test confusion matrix per condition, averaged over seeds (for the report)."""
+    out = {}
+    for cond, by_seed in runs.items():
+        mats = [np.asarray(m["test"]["confusion_norm"], dtype=np.float64)
+                for m in (_read_metrics(Path(r)) for r in by_seed.values()) if "confusion_norm" in m.get("test", {})]
+        if mats:
+            out[cond] = np.nan_to_num(np.mean(mats, axis=0)).tolist()
+    return out
+
+
+def aggregate(study: str | Path, runs: Mapping[str, Mapping[int, Path]], baselines: Sequence[str], primary: str,
+              rare: Sequence[str] = ("df", "vasc", "mel"), ratios: Mapping[str, float] | None = None,
+              quality: Mapping[str, Any] | None = None, n_boot: int = 1000, seed: int = 0,
+              synthetic: Mapping[str, str] | None = None) -> Path:
+    """Write the aggregate tables of a study (see module docstring); returns ``<study>/aggregate``.
+
+    ``runs``: condition -> seed -> classifier run folder; ``baselines``: the real-only conditions the best baseline is
+    chosen from (by validation macro-F1); ``primary``: the condition the criteria are measured on; ``ratios``: the
+    sweep's condition -> synthetic:real ratio; ``quality``: the raw samples' quality.json (for the FID criterion);
+    ``synthetic``: condition -> the synthetic set it used, recorded for the report.
+    """
+    out = StudyPaths(study).aggregate
+    long = collect_runs(runs)
+    if long.empty:
+        raise DataError(f"{study}: no finished classifier runs to aggregate")
+    table = summarise(long)
+    best, val_scores = pick_best_baseline(table, baselines)
+    comparisons = compare(long, runs, best, rare, n_boot=n_boot, seed=seed)
+    criteria = criteria_table(table, primary, quality)
+    atomic_write_csv(out / "runs.csv", long)
+    atomic_write_csv(out / "table.csv", table)
+    atomic_write_csv(out / "comparisons.csv", comparisons)
+    atomic_write_csv(out / "criteria.csv", criteria)
+    atomic_write_json(out / "aggregate.json", {
+        "conditions": list(runs),
+        "seeds": {c: sorted(int(s) for s in by_seed) for c, by_seed in runs.items()},
+        "runs": {c: {str(s): str(p) for s, p in by_seed.items()} for c, by_seed in runs.items()},
+        "primary": primary,
+        "baselines": list(baselines),
+        "best_baseline": best,
+        "best_baseline_rule": "highest mean validation macro-F1 among the baselines (test never used to choose)",
+        "baseline_val_macro_f1": val_scores,
+        "rare_classes": list(rare),
+        "ratios": dict(ratios or {}),
+        "synthetic": dict(synthetic or {}),  # condition -> which synthetic set it trained on (none/filtered/unfiltered)
+        "n_boot": n_boot,
+        "confusion_norm": mean_confusions(runs),
+        "train_counts": {c: _read_metrics(Path(by_seed[min(by_seed)])).get("train_counts", {})
+                         for c, by_seed in runs.items() if by_seed},
+        "classes": list(CLASSES),
+    })
+    return out
+
+
+def load_aggregate(study: str | Path) -> dict[str, Any]:
+    """The aggregate outputs of a study as DataFrames / dict (for the report)."""
+    agg = StudyPaths(study).aggregate
+    if not (agg / "aggregate.json").is_file():
+        raise DataError(f"{agg}: no aggregate.json; run the study (or its aggregate step) first")
+    read = lambda name: pd.read_csv(agg / name) if (agg / name).is_file() else pd.DataFrame()  # noqa: E731
+    return {"info": json.loads((agg / "aggregate.json").read_text()), "runs": read("runs.csv"),
+            "table": read("table.csv"), "comparisons": read("comparisons.csv"), "criteria": read("criteria.csv")}
+
+
+__all__ = ["aggregate", "load_aggregate", "collect_runs", "summarise", "pick_best_baseline", "compare",
+           "criteria_table", "find_fid", "SEED_CRITERIA", "Criterion", "BOOT_METRICS"]

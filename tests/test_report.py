@@ -1,0 +1,111 @@
+"""The report builds from a finished study: self-contained HTML with its tables and images, and a Markdown twin."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dermsynth.data.labels import CLASSES
+from dermsynth.data.manifest import write_manifest
+from dermsynth.data.split import SplitConfig, make_split
+from dermsynth.experiments.aggregate import aggregate
+from dermsynth.experiments.report import NOTICE, build_report
+from dermsynth.io import atomic_save_image
+from dermsynth.paths import StudyPaths
+from test_aggregate import make_fake_study
+
+
+def _study_files(root: Path) -> None:
+    """Split, samples, filter and quality outputs in the formats the stages write."""
+    paths = StudyPaths(root)
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in CLASSES:
+        for j in range(8):
+            p = paths.data / "images" / f"{c}{j}.png"
+            atomic_save_image(p, rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+            rows.append({"image_id": f"{c}{j}", "group_id": f"L{c}{j}", "label": c, "path": str(p), "source": "toy"})
+    write_manifest(pd.DataFrame(rows), paths.manifest)
+    make_split(paths.manifest, paths.split.parent, SplitConfig(seed=0))
+
+    syn = []
+    for c in ("df", "vasc", "mel"):
+        for i in range(6):
+            p = paths.samples / "images" / c / f"s_{c}_{i}.png"
+            atomic_save_image(p, np.full((16, 16, 3), 40 * i, np.uint8))
+            syn.append({"image_id": f"s_{c}_{i}", "group_id": f"s_{c}_{i}", "label": c, "path": str(p),
+                        "source": "synthetic"})
+    syn = pd.DataFrame(syn)
+    write_manifest(syn, paths.samples / "manifest.csv")
+    write_manifest(syn.iloc[::2], paths.filtered / "manifest.csv")
+    syn.iloc[1::2].assign(reasons="outside_real_manifold").to_csv(paths.filtered / "rejected.csv", index=False)
+    (paths.filtered / "filter.json").write_text(json.dumps({
+        "per_class": {c: {"in": 6, "kept": 3, "rejected": 3, "by_reason": {"outside_real_manifold": 3,
+                                                                           "low_class_prob": 0, "copy_of_train": 0}}
+                      for c in ("df", "vasc", "mel")},
+        "checks": {"realism": "inside the class's real train k-NN manifold, k=5"}}))
+    group = {"N": 4, "synthetic": {"FD_lite0": 50.0, "FD_lite0_std": 2.0, "KID_lite0": 0.06, "KID_lite0_std": 0.01,
+                                   "precision_lite0": 0.4},
+             "floor": {"FD_lite0": 20.0, "KID_lite0": 0.02, "precision_lite0": 0.7}}
+    memo = {"copies": {"df": 1, "vasc": 0, "mel": 0}, "n": {"df": 6, "vasc": 6, "mel": 6},
+            "copy_rate": {"df": 1 / 6, "vasc": 0.0, "mel": 0.0}, "cosine_threshold": 0.93, "ssim_threshold": 0.9,
+            "calibration": {"source": "same-lesion pairs", "n_pairs": 12}, "real_test_flag_rate": {"flag_rate": 0.01}}
+    q = {"extractor": "lite0", "reference": "test", "floor": "real train", "repeats": 20,
+         "groups": {"df": group, "vasc": group, "pooled": {**group, "N": 12}, "mel": {"N": 1, "skipped": "N=1"}},
+         "memorisation": memo}
+    (paths.quality / "samples").mkdir(parents=True)
+    (paths.quality / "samples" / "quality.json").write_text(json.dumps(q))
+    atomic_save_image(paths.quality / "samples" / "closest_pairs.png", np.zeros((20, 40, 3), np.uint8))
+    (paths.root / "config.yaml").write_text("name: fake_study\nseeds: [0, 1, 2]\n")
+    (paths.root / "provenance.json").write_text(json.dumps({"date": "2026-01-01T00:00:00", "versions": {
+        "torch": "2.x"}, "device": {"cpu": "x86_64", "cpu_count": 2, "torch_threads": 1, "platform": "Linux"}}))
+    (paths.timings).write_text(json.dumps({"stages": {"classifiers": {"wall_s": 12.5, "units": 12}},
+                                           "other": {"aggregate": 0.5}, "total_s": 13.0}))
+
+
+def test_report_holds_tables_and_embedded_images(tmp_path):
+    runs = make_fake_study(tmp_path)
+    _study_files(tmp_path)
+    quality = json.loads((tmp_path / "quality" / "samples" / "quality.json").read_text())
+    aggregate(tmp_path, runs, baselines=["real_only", "oversampling", "focal"], primary="hybrid", n_boot=200,
+              ratios={"focal": 0.0, "hybrid": 1.0, "oversampling": 2.0}, quality=quality)
+    out = build_report(tmp_path)
+    assert out == StudyPaths(tmp_path).report_html
+    page = out.read_text()
+
+    # self-contained: every image is a data URI, nothing is fetched from elsewhere
+    imgs = re.findall(r"<img [^>]*src='([^']*)'", page)
+    assert len(imgs) >= 8 and all(s.startswith("data:image/png;base64,") for s in imgs)
+    assert "http://" not in page and "https://" not in page
+    for name in ("grid_df", "grid_vasc", "grid_mel", "closest_pairs", "per_class_f1", "ratio_sweep", "confusion",
+                 "training_curves"):
+        assert f"alt='{name}'" in page, name
+
+    # the tables carry the study's numbers and choices
+    assert NOTICE in page and "fake_study" in page
+    assert "Best baseline, chosen on the VALIDATION part (never test): focal" in page
+    assert "0.720 ± 0.020" in page  # hybrid test macro-F1 mean ± std
+    assert "not measurable here" in page and "FD_lite0" in page and "met (stretch)" in page
+    assert "50.0000 ± 2.0000 | 20.0000 (x2.5)" in page  # FD_lite0 beside its floor
+    assert "1 / 6" in page and "outside real manifold" in page
+    assert "df 10/10, vasc 10/10, mel 10/10" in page and "df 0/10" in page  # synthetic / real train images
+    assert "N=1" in page  # a skipped quality group is said to be skipped
+    assert "12.5" in page and "fingerprint" in page
+
+    md = StudyPaths(tmp_path).report_md.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == len(imgs) and all((out.parent / link).is_file() for link in links)
+    assert "| condition | role |" in md and "not measurable here" in md
+
+
+def test_report_of_a_study_without_synthetic_images_says_what_is_missing(tmp_path):
+    runs = make_fake_study(tmp_path, with_predictions=False)
+    runs = {c: r for c, r in runs.items() if c != "hybrid"}
+    aggregate(tmp_path, runs, baselines=["real_only", "focal"], primary="oversampling")
+    page = build_report(tmp_path).read_text()
+    assert "Not available: synthetic samples" in page and "Not available: filter.json" in page
+    assert "Not available: a ratio sweep" in page
+    assert "oversampling minus focal" in page

@@ -1,0 +1,193 @@
+"""The study runner on the tiny toy config: every stage really runs; kills mid-stage resume; finished units are
+skipped; a config change reruns exactly the units downstream of it."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import dermsynth.experiments.study as study_mod
+import dermsynth.generate.scratch_train as scratch_train
+from dermsynth.config import ConfigError, load_config
+from dermsynth.experiments.config import StudyConfig, expand_conditions, validate
+from dermsynth.experiments.study import plan, run_study
+from dermsynth.experiments.units import UnitRunner
+from dermsynth.paths import StudyPaths
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "study_tiny.yaml"
+
+
+def tiny(*overrides: str) -> StudyConfig:
+    return load_config(StudyConfig, TINY, list(overrides))
+
+
+class Interrupt(KeyboardInterrupt):
+    """Stands in for Ctrl-C / a kill in the middle of a stage."""
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """The tiny study, killed once in the middle of the generator and once in the middle of a classifier, then rerun
+    to the end. Returns the study folder."""
+    out = tmp_path_factory.mktemp("study")
+    mp = pytest.MonkeyPatch()
+    real_save, real_train = scratch_train.save_checkpoint, study_mod.train_classifier
+
+    def save_then_die(*args, **kwargs):  # the generator dies right after its step-10 checkpoint
+        path = real_save(*args, **kwargs)
+        if args[2] == 10:
+            raise Interrupt("killed after the generator's step-10 checkpoint")
+        return path
+
+    def train_then_die(cfg, run, resume=False, **kw):  # the first hybrid classifier dies in its second epoch
+        if Path(run).parts[-2:] == ("hybrid", "seed0") and not resume:
+            def hook(epoch, step, global_step):
+                if epoch == 1 and step == 1:
+                    raise Interrupt("killed in epoch 2")
+            return real_train(cfg, run, resume=resume, on_step=hook)
+        return real_train(cfg, run, resume=resume, **kw)
+
+    mp.setattr(scratch_train, "save_checkpoint", save_then_die)
+    mp.setattr(study_mod, "train_classifier", train_then_die)
+    for _ in range(2):  # killed in the generator, then in the classifier
+        with pytest.raises(Interrupt):
+            run_study(tiny(), out)
+    mp.undo()
+    run_study(tiny(), out)
+    return out
+
+
+def _log(study: Path) -> str:
+    return (study / "log.txt").read_text()
+
+
+def test_every_stage_ran_and_the_report_was_built(finished):
+    paths = StudyPaths(finished)
+    for f in (paths.manifest, paths.split, paths.generator / "generator.json", paths.samples / "manifest.csv",
+              paths.reference_classifier / "metrics.json", paths.filtered / "filter.json",
+              paths.quality / "samples" / "quality.json", paths.quality / "filtered" / "quality.json",
+              paths.aggregate / "table.csv", paths.report_html, paths.report_md, paths.timings):
+        assert f.is_file(), f
+    samples = pd.read_csv(paths.samples / "manifest.csv")
+    assert sorted(samples["label"].unique()) == ["df", "mel", "vasc"] and len(samples) == 24
+
+    # the hybrid runs really trained on synthetic images: the filtered set, or the raw samples for "unfiltered"
+    hyb = json.loads((paths.classifier("hybrid", 1) / "metrics.json").read_text())
+    unf = json.loads((paths.classifier("hybrid_unfiltered", 1) / "metrics.json").read_text())
+    real = json.loads((paths.classifier("real", 1) / "metrics.json").read_text())
+    used = lambda m: sum(v["synthetic"] for v in m["train_counts"].values())  # noqa: E731
+    assert used(hyb) > 0 and used(unf) > 0 and used(real) == 0
+    assert pd.read_csv(paths.classifier("hybrid_r2", 0) / "train_set.csv")["source"].eq("synthetic").sum() > used(hyb) / 2
+
+    table = pd.read_csv(paths.aggregate / "table.csv")
+    test_f1 = table[(table["part"] == "test") & (table["metric"] == "macro_f1")]
+    assert set(test_f1["condition"]) == {"real", "hybrid", "hybrid_unfiltered", "hybrid_r2"}
+    assert (test_f1["n"] == 2).all()
+    info = json.loads((paths.aggregate / "aggregate.json").read_text())
+    assert info["best_baseline"] == "real" and info["ratios"] == {"real": 0.0, "hybrid": 1.0, "hybrid_r2": 2.0}
+
+    timings = json.loads(paths.timings.read_text())
+    assert {"data", "split", "generator", "samples", "reference classifier", "filter", "quality",
+            "classifiers"} <= set(timings["stages"]) and timings["stages"]["classifiers"]["units"] == 8
+    page = paths.report_html.read_text()
+    assert "hybrid_unfiltered" in page and page.count("data:image/png;base64,") >= 8
+
+
+def test_a_kill_mid_stage_resumes_that_stage_from_its_checkpoint(finished):
+    log = _log(finished)
+    assert "resuming generator" in log and "resumed from" in log and "step_00000010" in log
+    gen_log = (StudyPaths(finished).generator / "log.txt").read_text()
+    assert "resumed from" in gen_log
+    clf_log = (StudyPaths(finished).classifier("hybrid", 0) / "log.txt").read_text()
+    assert "resumed from" in clf_log and "epoch 1" in clf_log
+    # units finished before each kill were not redone
+    assert log.count("running data") == 1 and log.count("running generator") == 1
+    state = json.loads((finished / "units" / "generator.json").read_text())
+    assert state["status"] == "done" and state["wall_s"] > 0
+
+
+def test_a_finished_study_is_skipped_on_rerun(finished, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a finished unit was run again")
+
+    for name in ("train_classifier", "train_generator", "generate", "run_filter", "run_quality", "make_toy",
+                 "make_split"):
+        monkeypatch.setattr(study_mod, name, refuse)
+    before = (finished / "aggregate" / "table.csv").read_text()
+    assert run_study(tiny(), finished) == StudyPaths(finished).report_html
+    assert (finished / "aggregate" / "table.csv").read_text() == before
+
+
+def _stale(study: Path, cfg: StudyConfig) -> set[str]:
+    units, _, _ = plan(cfg, study)
+    runner = UnitRunner(study, units)
+    return {u.name for u in units if not runner.is_done(u)}
+
+
+def test_a_config_change_invalidates_exactly_its_downstream_units(finished, tmp_path, monkeypatch):
+    assert _stale(finished, tiny()) == set()
+    hybrids = {f"classifier/{c}/seed{s}" for c in ("hybrid", "hybrid_unfiltered", "hybrid_r2") for s in (0, 1)}
+    # more synthetic images: samples and everything made from them, not the generator or the real-only runs
+    assert _stale(finished, tiny("generation.per_class=6")) == {
+        "samples", "filter", "quality/samples", "quality/filtered"} | hybrids
+    # the filter's thresholds: the filtered set and what uses it, not the unfiltered runs
+    assert _stale(finished, tiny("filter.min_class_prob=0.1")) == {
+        "filter", "quality/filtered"} | {h for h in hybrids if "unfiltered" not in h}
+    # the base classifier: every classifier, the filter (its reference classifier changed) and the filtered set
+    assert _stale(finished, tiny("classifier.train.lr=0.001")) == {
+        "reference", "filter", "quality/filtered"} | hybrids | {"classifier/real/seed0", "classifier/real/seed1"}
+    # a third seed adds units and invalidates nothing
+    assert _stale(finished, tiny("seeds=[0,1,2]")) == {f"classifier/{c}/seed2" for c in
+                                                       ("real", "hybrid", "hybrid_unfiltered", "hybrid_r2")}
+
+    # and a real rerun after a change runs only the stale units (here: the two quality units)
+    study = tmp_path / "copy"
+    shutil.copytree(finished, study)
+    called = []
+    real_quality = study_mod.run_quality
+
+    def spy(samples, split, cfg, out):
+        called.append(Path(out).name)
+        return real_quality(samples, split, cfg, out=out)
+
+    def refuse(*a, **k):
+        raise AssertionError("a unit that did not depend on the change was rerun")
+
+    monkeypatch.setattr(study_mod, "run_quality", spy)
+    for name in ("train_classifier", "train_generator", "generate", "run_filter"):
+        monkeypatch.setattr(study_mod, name, refuse)
+    (study / "quality" / "samples" / "stale_marker").write_text("x")
+    run_study(tiny("quality.repeats=3"), study)
+    assert sorted(called) == ["filtered", "samples"]
+    assert not (study / "quality" / "samples" / "stale_marker").exists()  # the stale folder was cleared first
+    assert json.loads((study / "quality" / "samples" / "quality.json").read_text())["repeats"] == 3
+
+
+def test_config_validation_names_the_problem():
+    with pytest.raises(ConfigError, match="baselines.*synthetic"):
+        validate(tiny("baselines=[hybrid]"))
+    with pytest.raises(ConfigError, match="primary"):
+        validate(tiny("primary=nope"))
+    with pytest.raises(ConfigError, match="condition 'real'.*unknown"):
+        validate(tiny("conditions=[{name: real, set: {train.nope: 1}}]", "sweep.ratios=[]", "primary=real"))
+    conds, ratios = expand_conditions(load_config(StudyConfig, REPO / "configs" / "ham10000.yaml"))
+    assert [c.name for c in conds][-4:] == ["hybrid_r0.25", "hybrid_r0.5", "hybrid_r2", "hybrid_r5"]
+    assert ratios == {"focal": 0.0, "hybrid_r0.25": 0.25, "hybrid_r0.5": 0.5, "hybrid": 1.0, "hybrid_r2": 2.0,
+                      "hybrid_r5": 5.0}
+
+
+def test_demo_runs_the_demo_config_through_the_real_study(monkeypatch, tmp_path):
+    from dermsynth.experiments.demo import DEMO_CONFIG, run_demo
+
+    seen = {}
+    monkeypatch.setattr(study_mod, "run_study", lambda cfg, out: seen.update(cfg=cfg, out=out) or Path(out) / "r.html")
+    assert run_demo(tmp_path) == tmp_path / "r.html"
+    cfg = seen["cfg"]
+    assert DEMO_CONFIG == REPO / "configs" / "demo.yaml" and seen["out"] == tmp_path
+    assert cfg.name == "demo" and cfg.data.source == "toy" and len(cfg.seeds) == 3
+    conds, ratios = validate(cfg)
+    assert {"hybrid", "hybrid_unfiltered"} <= {c.name for c in conds} and ratios["focal"] == 0.0
