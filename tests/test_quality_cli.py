@@ -70,3 +70,23 @@ def test_bad_input_exits_2(setup, capsys):
     _, split, _, tmp = setup
     assert main(["quality", "--samples", str(tmp / "nope"), "--split", str(split)]) == 2
     assert "samples manifest not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["quality", "filter"])
+def test_samples_of_a_generator_trained_on_another_split_are_refused(setup, verb):
+    """A generator that saw other lesions may have seen this split's test part: both verbs refuse its images."""
+    samples, split, _, tmp = setup
+    gen = tmp / f"other_gen_{verb}"
+    gen.mkdir()
+    (gen / "generator.json").write_text(json.dumps({"kind": "scratch", "split_fingerprint": "0" * 64}))
+    df = pd.read_csv(samples / "manifest.csv")
+    moved = tmp / f"samples_other_{verb}"
+    moved.mkdir()
+    for p in df["path"]:
+        (moved / p).parent.mkdir(parents=True, exist_ok=True)
+        (moved / p).write_bytes((samples / p).read_bytes())
+    df.assign(generator=str(gen)).to_csv(moved / "manifest.csv", index=False)
+    out = tmp / f"refused_{verb}"
+    rc = main([verb, "--samples", str(moved), "--split", str(split), "--out", str(out), *FAST])
+    assert rc == 2
+    assert not (out / ("quality.json" if verb == "quality" else "manifest.csv")).exists()

@@ -6,7 +6,6 @@ exactly what it trained on.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from dermsynth.data.cache import CachedImages, build_cache
 from dermsynth.data.labels import CLASSES, parse_classes
 from dermsynth.data.manifest import read_manifest
 from dermsynth.data.split import Split, load_split
+from dermsynth.generate.provenance import check_manifest_split
 from dermsynth.io import DataError
 from dermsynth.runlog import get_logger
 
@@ -56,23 +56,6 @@ def check_no_synthetic(df: pd.DataFrame, where: str, synthetic_ids: set[str] | f
         ids = df.loc[bad, "image_id"].head(5).tolist()
         raise DataError(f"{where}: {int(bad.sum())} synthetic image(s) found, e.g. {ids}; synthetic images may only "
                         f"join the train part (data.synthetic), never val or test")
-
-
-def _check_generator_split(syn: pd.DataFrame, split: Split, where: str) -> None:
-    """When the manifest names its generator run, its split fingerprint must be ours: a generator that saw our test
-    lesions would leak them into training."""
-    if "generator" not in syn.columns:
-        get_logger("classify").warning("%s has no 'generator' column: cannot verify the generator's split", where)
-        return
-    for gen in syn["generator"].dropna().astype(str).unique():
-        info_path = Path(gen) / "generator.json"
-        if not info_path.is_file():
-            get_logger("classify").warning("%s: generator %s not found here; its split cannot be verified", where, gen)
-            continue
-        fp = json.loads(info_path.read_text()).get("split_fingerprint")
-        if fp is not None and fp != split.fingerprint:
-            raise DataError(f"{where}: generator {gen} was trained on another split (fingerprint {fp[:12]}... vs "
-                            f"{split.fingerprint[:12]}... of {split.path}); train a generator on this split's train part")
 
 
 def synthetic_ratios(cfg: DataConfig) -> dict[str, float]:
@@ -125,7 +108,7 @@ def load_clf_data(cfg: ClfConfig) -> ClfData:
         clash = set(syn["image_id"]) & set(split.manifest["image_id"])
         if clash:
             raise DataError(f"{where}: image ids {sorted(clash)[:5]} also name real images of {split.manifest_path}")
-        _check_generator_split(syn, split, where)
+        check_manifest_split(syn, split, where)
         syn_ids = set(syn["image_id"])
         manifests["synthetic"] = syn
         parts["train"], info = mix_synthetic(parts["train"], syn[COLUMNS], synthetic_ratios(cfg.data), cfg.train.seed)

@@ -2,7 +2,8 @@
 
 A generator trained on a split's train part has seen those lesions; evaluating its images (or classifiers fed with
 them) on another split could put its training lesions in the test part. So every generator run records the split's
-fingerprint, and quality, filter and study stages call :func:`check_split_fingerprint` before using it.
+fingerprint; the classifier, quality and filter stages call :func:`check_manifest_split` on the synthetic
+manifest they read, and :func:`check_split_fingerprint` checks a generator run directly.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 from dermsynth import __version__
 from dermsynth.data.split import Split, load_split
 from dermsynth.io import DataError, atomic_write_json
+from dermsynth.runlog import get_logger
 
 GENERATOR_JSON = "generator.json"
 
@@ -78,3 +80,22 @@ def check_samples_split(samples: str | Path, split: Split | str | Path) -> None:
         raise DataError(f"samples {samples} come from a generator trained on split {settings.get('split')}, not on "
                         f"{where}: its training lesions may sit in this split's test part; generate from a generator "
                         f"trained on this split")
+
+
+def check_manifest_split(syn: Any, split: Split, where: str) -> None:
+    """For every generator run a synthetic manifest names (its ``generator`` column), its split fingerprint must be
+    ``split``'s: a generator that saw this split's test lesions would leak them into whatever uses its images.
+    Generators not present on this machine are logged as unverifiable rather than refused."""
+    log = get_logger("provenance")
+    if "generator" not in syn.columns:
+        log.warning("%s has no 'generator' column: cannot verify the generator's split", where)
+        return
+    for gen in syn["generator"].dropna().astype(str).unique():
+        info_path = Path(gen) / GENERATOR_JSON
+        if not info_path.is_file():
+            log.warning("%s: generator %s not found here; its split cannot be verified", where, gen)
+            continue
+        fp = json.loads(info_path.read_text()).get("split_fingerprint")
+        if fp is not None and fp != split.fingerprint:
+            raise DataError(f"{where}: generator {gen} was trained on another split (fingerprint {fp[:12]}... vs "
+                            f"{split.fingerprint[:12]}... of {split.path}); train a generator on this split's train part")

@@ -23,6 +23,7 @@ from dermsynth.config import save_config, to_dict
 from dermsynth.data.labels import CLASSES
 from dermsynth.data.manifest import REQUIRED_COLUMNS, write_manifest
 from dermsynth.data.split import load_split
+from dermsynth.generate.provenance import check_manifest_split
 from dermsynth.io import atomic_write_csv, atomic_write_json
 from dermsynth.metrics.distribution import realism_inside
 from dermsynth.metrics.feature_cache import features_and_logits, load_images, native_size, read_samples
@@ -72,6 +73,7 @@ def run_filter(samples: str | Path, split: str | Path, cfg: FilterConfig | None 
         save_config(cfg, out / "config.yaml")
         syn = read_samples(samples)
         sp = load_split(split)
+        check_manifest_split(syn, sp, str(samples))  # a generator that saw our test lesions is refused
         train = sp.part("train")
         size = cfg.image_size or native_size(syn)
         extractor = make_extractor(cfg.features)

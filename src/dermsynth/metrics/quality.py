@@ -24,6 +24,7 @@ import pandas as pd
 from dermsynth.config import save_config, to_dict
 from dermsynth.data.labels import CLASSES
 from dermsynth.data.split import load_split
+from dermsynth.generate.provenance import check_manifest_split
 from dermsynth.io import DataError, atomic_open, atomic_write_csv, atomic_write_json, atomic_write_text
 from dermsynth.metrics import distribution as dist
 from dermsynth.metrics.diversity import pairwise_diversity
@@ -111,6 +112,7 @@ def run_quality(samples: str | Path, split: str | Path, cfg: QualityConfig | Non
         save_config(cfg, out / "config.yaml")
         syn = read_samples(samples)
         sp = load_split(split)
+        check_manifest_split(syn, sp, str(samples))  # a generator that saw our test lesions is refused
         classes = [c for c in CLASSES if c in set(syn["label"])]  # canonical order
         size = cfg.image_size or native_size(syn)
         train_all = sp.part(cfg.floor_part)
