@@ -109,3 +109,16 @@ def test_report_of_a_study_without_synthetic_images_says_what_is_missing(tmp_pat
     assert "Not available: synthetic samples" in page and "Not available: filter.json" in page
     assert "Not available: a ratio sweep" in page
     assert "oversampling minus focal" in page
+
+
+def test_verdict_with_one_seed_does_not_claim_seed_noise():
+    """With one seed there is no interval over seeds: the verdict rests on the lesion bootstrap alone and says so."""
+    import pandas as pd
+
+    from dermsynth.experiments.report import _verdict
+
+    nan = float("nan")
+    one_seed = pd.Series({"diff_lo": nan, "diff_hi": nan, "boot_lo": -0.14, "boot_hi": -0.06})
+    assert _verdict(one_seed).startswith("worse on this test part (lesion bootstrap); one seed")
+    three_seeds = pd.Series({"diff_lo": -0.3, "diff_hi": 0.1, "boot_lo": -0.14, "boot_hi": -0.06})
+    assert _verdict(three_seeds) == "worse on this test part, but within the seed-to-seed noise"

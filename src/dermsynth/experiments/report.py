@@ -209,6 +209,8 @@ def _verdict(r: pd.Series) -> str:
     if t and not b:
         return f"{word[t]} on every seed's average, but within the noise of which lesions are in the test part"
     if b and not t:
+        if not (math.isfinite(r["diff_lo"]) and math.isfinite(r["diff_hi"])):  # one seed: no interval over seeds
+            return f"{word[b]} on this test part (lesion bootstrap); one seed, so training noise is not measured"
         return f"{word[b]} on this test part, but within the seed-to-seed noise"
     if t and b:
         return "the two intervals disagree in sign: no conclusion"
