@@ -2,41 +2,25 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 
 import pandas as pd
 import pytest
 
+from gloo import run_gloo
 from test_generate_run import REPO, make_random_split
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_two_cpu_processes_train_in_sync(tmp_path):
     split = make_random_split(tmp_path / "data")
     run = tmp_path / "gen"
-    port = _free_port()
     cmd = [sys.executable, "-m", "dermsynth.cli", "train-gen", "-c", str(REPO / "configs" / "gen_tiny.yaml"),
            "--out", str(run), "--set", f"data.split={split}", "--set", "data.image_size=16",
            "--set", "model.size=test", "--set", "train.steps=3", "--set", "train.batch_size=8",
            "--set", "train.log_every=1", "--set", "train.checkpoint_every=3", "--set", "train.validation_steps=2",
            "--set", "train.validation_per_class=1", "--set", "train.device=cpu"]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
-               "DERMSYNTH_CACHE": str(tmp_path / "cache")}
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+    run_gloo(cmd, tmp_path / "cache", timeout=600)
     info = json.loads((run / "generator.json").read_text())
     assert info["world_size"] == 2 and info["ranks_in_sync"] is True
     ckpt = run / "checkpoints" / "step_00000003"

@@ -3,22 +3,14 @@ processes' random streams, logs and validation from the main process only."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 
 import pandas as pd
 import pytest
 import torch
 
+from gloo import run_gloo
 from test_sd15_pipeline import make_toy
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -38,14 +30,7 @@ def test_two_cpu_processes_train_in_sync(tmp_path):
     cmd = [sys.executable, "-m", "dermsynth.cli", "train-gen", "--out", str(run)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
-    port, procs = _free_port(), []
-    for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
-               "DERMSYNTH_CACHE": str(tmp_path / "cache")}
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+    run_gloo(cmd, tmp_path / "cache", timeout=900)
 
     ckpt = run / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,9 @@ from dermsynth.io import DataError, atomic_save_npy, atomic_write_json
 from dermsynth.metrics.features import Extractor
 from dermsynth.paths import cache_root
 from dermsynth.runlog import get_logger
+
+if TYPE_CHECKING:
+    from dermsynth.data.split import Split
 
 log = get_logger("metrics.features")
 
@@ -86,6 +90,23 @@ def read_samples(samples: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"samples manifest not found: {path}; pass a samples folder made by 'dermsynth generate'")
     return read_manifest(path)
+
+
+def samples_on_split(samples: str | Path, split: str | Path) -> tuple[pd.DataFrame, "Split"]:
+    """Read a samples folder and the split it is judged on, refusing images of a generator trained on another split
+    (it may have seen this split's test lesions). Done before any output is written."""
+    from dermsynth.data.split import load_split
+    from dermsynth.generate.provenance import check_manifest_split
+
+    syn, sp = read_samples(samples), load_split(split)
+    check_manifest_split(syn, sp, str(samples))
+    return syn, sp
+
+
+def default_out(samples: str | Path, name: str) -> Path:
+    """``<samples folder>/<name>``: where a stage writes what it made of a samples folder unless told otherwise."""
+    samples = Path(samples)
+    return (samples if samples.is_dir() else samples.parent) / name
 
 
 def native_size(df: pd.DataFrame) -> int:

@@ -22,11 +22,10 @@ import pandas as pd
 from dermsynth.config import save_config, to_dict
 from dermsynth.data.labels import CLASSES
 from dermsynth.data.manifest import REQUIRED_COLUMNS, write_manifest
-from dermsynth.data.split import load_split
-from dermsynth.generate.provenance import check_manifest_split
 from dermsynth.io import atomic_write_csv, atomic_write_json
 from dermsynth.metrics.distribution import realism_inside
-from dermsynth.metrics.feature_cache import features_and_logits, load_images, native_size, read_samples
+from dermsynth.metrics.feature_cache import (default_out, features_and_logits, load_images, native_size,
+                                              samples_on_split)
 from dermsynth.metrics.features import ExtractorSpec, make_extractor
 from dermsynth.metrics.memorisation import MemorisationConfig, audit, calibrate, null_rows
 from dermsynth.runlog import get_logger, run_log
@@ -67,13 +66,11 @@ def run_filter(samples: str | Path, split: str | Path, cfg: FilterConfig | None 
     """Filter a samples folder; returns the output folder (manifest.csv, rejected.csv, filter.json)."""
     cfg = cfg or FilterConfig()
     samples = Path(samples)
-    out = Path(out) if out is not None else (samples if samples.is_dir() else samples.parent) / "filtered"
+    syn, sp = samples_on_split(samples, split)  # refuses a generator trained on another split, before any write
+    out = Path(out) if out is not None else default_out(samples, "filtered")
     with run_log(out):
         t0 = time.time()
         save_config(cfg, out / "config.yaml")
-        syn = read_samples(samples)
-        sp = load_split(split)
-        check_manifest_split(syn, sp, str(samples))  # a generator that saw our test lesions is refused
         train = sp.part("train")
         size = cfg.image_size or native_size(syn)
         extractor = make_extractor(cfg.features)

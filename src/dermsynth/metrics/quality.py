@@ -23,12 +23,11 @@ import pandas as pd
 
 from dermsynth.config import save_config, to_dict
 from dermsynth.data.labels import CLASSES
-from dermsynth.data.split import load_split
-from dermsynth.generate.provenance import check_manifest_split
 from dermsynth.io import DataError, atomic_open, atomic_write_csv, atomic_write_json, atomic_write_text
 from dermsynth.metrics import distribution as dist
 from dermsynth.metrics.diversity import pairwise_diversity
-from dermsynth.metrics.feature_cache import features_and_logits, load_images, native_size, read_samples
+from dermsynth.metrics.feature_cache import (default_out, features_and_logits, load_images, native_size,
+                                              samples_on_split)
 from dermsynth.metrics.features import ExtractorSpec, make_extractor, metric_name
 from dermsynth.metrics.memorisation import (MemorisationConfig, audit, calibrate, closest_pairs_grid, null_rows,
                                             real_flag_rate)
@@ -106,13 +105,11 @@ def run_quality(samples: str | Path, split: str | Path, cfg: QualityConfig | Non
     """Measure the samples folder against the split's real parts; returns the path of ``quality.json``."""
     cfg = cfg or QualityConfig()
     samples = Path(samples)
-    out = Path(out) if out is not None else (samples if samples.is_dir() else samples.parent) / "quality"
+    syn, sp = samples_on_split(samples, split)  # refuses a generator trained on another split, before any write
+    out = Path(out) if out is not None else default_out(samples, "quality")
     with run_log(out):
         t0 = time.time()
         save_config(cfg, out / "config.yaml")
-        syn = read_samples(samples)
-        sp = load_split(split)
-        check_manifest_split(syn, sp, str(samples))  # a generator that saw our test lesions is refused
         classes = [c for c in CLASSES if c in set(syn["label"])]  # canonical order
         size = cfg.image_size or native_size(syn)
         train_all = sp.part(cfg.floor_part)
