@@ -15,12 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dermsynth.config import ConfigError
 from dermsynth.data.labels import CLASSES
 from dermsynth.data.manifest import read_manifest, write_manifest
 from dermsynth.data.split import SplitConfig, load_split, make_split
 from dermsynth.io import atomic_save_image, image_array
 from dermsynth.metrics import features as features_mod
-from dermsynth.metrics.filter import FilterConfig, run_filter
+from dermsynth.metrics.filter import FilterConfig, class_thresholds, run_filter
 from test_quality_data import fake_samples
 
 SIZE, DIM = 32, 12  # features = the first 4 pixels (x 3 channels) of row 0, centred
@@ -130,3 +131,78 @@ def test_filter_thresholds_are_configurable(world, fake_classifier, tmp_path):
     cfg.realism, cfg.copies, cfg.min_class_prob = False, False, 0.1  # uniform 1/7 = 0.14 now passes
     out = run_filter(samples, split, cfg, tmp_path / "filtered", classifier=tmp_path / "run")
     assert len(read_manifest(out / "manifest.csv")) == 5
+
+
+
+def _fake_predict(monkeypatch, predict_images):
+    module = types.ModuleType("dermsynth.classify.predict")
+    module.predict_images = predict_images
+    monkeypatch.setitem(sys.modules, "dermsynth.classify.predict", module)
+
+
+def test_class_thresholds_are_val_quantiles_capped_with_fallback(monkeypatch, caplog):
+    """Per class: the q-quantile of P(class) on that class's val images, never above min_class_prob; a class with no
+    val image falls back to min_class_prob with a warning. A fake image holds P in pixel (0, 0, 0) / 250 and the
+    class index in pixel (0, 0, 1)."""
+    def predict_images(run_dir, images):
+        p = images[:, 0, 0, 0] / 250.0
+        probs = np.tile((1 - p)[:, None] / (len(CLASSES) - 1), (1, len(CLASSES)))
+        probs[np.arange(len(images)), images[:, 0, 0, 1]] = p
+        return probs
+
+    _fake_predict(monkeypatch, predict_images)
+    labels = ["df"] * 5 + ["vasc"] * 4 + ["nv"]
+    images = np.zeros((len(labels), 4, 4, 3), np.uint8)
+    images[:, 0, 0, 0] = [5, 12, 20, 50, 60, 150, 175, 200, 225, 225]  # df P 0.02..0.24, vasc P 0.6..0.9
+    images[:, 0, 0, 1] = [CLASSES.index(c) for c in labels]
+    cfg = FilterConfig(min_class_prob=0.5, class_prob_quantile=0.1)
+    with caplog.at_level(logging.WARNING, logger="dermsynth"):
+        thr = class_thresholds("run", images, pd.Series(labels), ["df", "vasc", "mel"], cfg)
+    assert thr["df"] == pytest.approx(np.quantile(np.array([5, 12, 20, 50, 60]) / 250, 0.1))  # 0.0312
+    assert 0.02 < thr["df"] < 0.05  # an interpolated quantile, far below min_class_prob
+    assert thr["vasc"] == 0.5  # its val quantile (0.63) is above min_class_prob: capped
+    assert thr["mel"] == 0.5 and "no mel image" in caplog.text  # absent from val: fallback, warned
+    assert set(thr) == {"df", "vasc", "mel"}  # nv (in val, not asked for) gets none
+
+
+def test_calibrated_threshold_keeps_what_the_absolute_one_rejects(world, monkeypatch, tmp_path):
+    """A classifier unsure even of real df (P = 0.3 on every marked image) rejects every synthetic df image at 0.5;
+    calibrated on the real val df images, the marked synthetic image passes and the unmarked ones (P 1/7) do not."""
+    def predict_images(run_dir, images):
+        probs = np.full((len(images), len(CLASSES)), 1 / len(CLASSES))
+        for i, im in enumerate(images):
+            if im[1, 0, 0]:
+                probs[i] = 0.7 / (len(CLASSES) - 1)
+                probs[i, im[1, 0, 0] - 1] = 0.3
+        return probs
+
+    _fake_predict(monkeypatch, predict_images)
+    samples, split, _ = world
+    cfg = _cfg()
+    cfg.realism, cfg.copies = False, False
+    out = run_filter(samples, split, cfg, tmp_path / "absolute", classifier=tmp_path / "run")
+    assert len(pd.read_csv(out / "manifest.csv")) == 0
+    info = json.loads((out / "filter.json").read_text())
+    assert info["class_prob_thresholds"] == {"df": {"threshold": 0.5, "n_val": 0, "source": "min_class_prob"}}
+
+    cfg.class_prob_quantile = 0.1
+    out = run_filter(samples, split, cfg, tmp_path / "calibrated", classifier=tmp_path / "run")
+    kept = read_manifest(out / "manifest.csv")["image_id"]
+    assert sorted(kept) == ["copy", "good", "unrealistic"]  # the marked df images (checks (a), (c) are off here)
+    n_val = int((load_split(split).part("val")["label"] == "df").sum())
+    info = json.loads((out / "filter.json").read_text())
+    assert n_val > 0 and info["class_prob_thresholds"] == {
+        "df": {"threshold": pytest.approx(0.3), "n_val": n_val, "source": "val quantile"}}
+    assert "q0.1" in info["checks"]["class_prob"] and "df 0.3" in info["checks"]["class_prob"]
+    rej = pd.read_csv(out / "rejected.csv", keep_default_na=False).set_index("image_id")
+    assert set(rej.index) == {"unsure", "unrealistic_unsure"}
+    assert (rej["reasons"] == "low_class_prob").all()
+
+
+def test_class_prob_quantile_out_of_range_is_refused(world, tmp_path):
+    samples, split, _ = world
+    cfg = _cfg()
+    cfg.class_prob_quantile = 1.5
+    with pytest.raises(ConfigError, match="class_prob_quantile"):
+        run_filter(samples, split, cfg, tmp_path / "filtered", classifier=tmp_path / "run")
+    assert not (tmp_path / "filtered").exists()  # refused before anything is written

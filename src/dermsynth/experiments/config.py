@@ -109,6 +109,9 @@ class StudyConfig:
     primary: str = "hybrid"  # the condition the success criteria are measured on
     n_boot: int = 1000  # lesion-level bootstrap replicates for the paired comparisons
     report: bool = True  # build the HTML/Markdown report at the end
+    # processes that train classifiers (and the generator beside the reference classifier) at the same time: 1 on
+    # a CPU; 3-6 on one large GPU, where a single small classifier is launch-bound and leaves the GPU mostly idle
+    workers: int = 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -197,6 +200,8 @@ def validate(cfg: StudyConfig) -> tuple[list[Condition], dict[str, float]]:
             raise ConfigError(f"baselines: {b!r} is not a condition; conditions: {names}")
         if next(c for c in cfg.conditions if c.name == b).synthetic != "none":
             raise ConfigError(f"baselines: {b!r} uses synthetic images; a baseline must be real-only")
+    if cfg.workers < 1:
+        raise ConfigError(f"workers: need at least 1, got {cfg.workers}")
     if not cfg.baselines:
         raise ConfigError("baselines: list at least one real-only condition to compare against")
     if cfg.primary not in names:

@@ -564,11 +564,14 @@ def _provenance(doc: Doc, paths: StudyPaths, split: dict | None) -> None:
     timings = _json(paths.timings) or {}
     gen = _json(paths.generator / "generator.json")
     if timings:
-        rows = [{"stage": s, "units": v["units"], "wall time (s)": _f(v["wall_s"], 1)}
+        rows = [{"stage": s, "units": v["units"], "wall time (s)": _f(v["wall_s"], 1),
+                 "elapsed (s)": _f(v.get("elapsed_s", v["wall_s"]), 1)}
                 for s, v in timings.get("stages", {}).items()]
-        rows += [{"stage": s, "units": "", "wall time (s)": _f(v, 1)} for s, v in timings.get("other", {}).items()]
-        rows.append({"stage": "total", "units": "", "wall time (s)": _f(timings.get("total_s"), 1)})
-        doc.table(pd.DataFrame(rows), "wall time per stage, summed over its units (resumed units count every session)")
+        rows += [{"stage": s, "units": "", "wall time (s)": _f(v, 1), "elapsed (s)": _f(v, 1)}
+                 for s, v in timings.get("other", {}).items()]
+        rows.append({"stage": "total", "units": "", "wall time (s)": "", "elapsed (s)": _f(timings.get("total_s"), 1)})
+        doc.table(pd.DataFrame(rows), "wall time per stage, summed over its units (resumed units count every "
+                                      "session); elapsed differs where units ran side by side (study.workers)")
     device = prov.get("device", {})
     facts = {"date": prov.get("date"), "device": ", ".join(device.get("gpu", [])) or
              f"CPU ({device.get('cpu')}, {device.get('cpu_count')} cores, torch threads {device.get('torch_threads')})",

@@ -30,6 +30,7 @@ from dermsynth.data.toy import make_toy
 from dermsynth.experiments.aggregate import aggregate
 from dermsynth.experiments.config import StudyConfig, condition_config, reference_config, validate
 from dermsynth.experiments.units import Unit, UnitRunner
+from dermsynth.generate.config import GenConfig
 from dermsynth.generate.sample import generate
 from dermsynth.generate.train import train_generator
 from dermsynth.io import DataError, atomic_write_json, sha256_file
@@ -53,6 +54,11 @@ def _train_clf(cfg: ClfConfig, out: Path) -> Callable[[bool], Any]:
     return lambda resume: train_classifier(cfg, out, resume=resume)
 
 
+def _train_gen(cfg: GenConfig, out: Path, resume: bool) -> Path:
+    """A generator unit's job (picklable, so it can run beside the reference classifier in another process)."""
+    return train_generator(cfg, out, resume="latest" if resume else None)
+
+
 def _filter(paths: StudyPaths, cfg: StudyConfig, reference: Path, rare: list[str]) -> Path:
     """Run the filter; an empty result stops the study here, before classifiers train on nothing synthetic."""
     out = run_filter(paths.samples, paths.split, cfg.filter, out=paths.filtered, classifier=reference)
@@ -62,7 +68,8 @@ def _filter(paths: StudyPaths, cfg: StudyConfig, reference: Path, rare: list[str
     if empty and len(empty) == len(rare):
         raise DataError(f"{out}: the filter kept no synthetic image ({json.dumps(per_class)}); the hybrid conditions "
                         f"would train on real images only. Train the generator longer (generator.train.steps) or "
-                        f"loosen the filter (filter.realism, filter.min_class_prob), then rerun: finished units are "
+                        f"loosen the filter (filter.realism, filter.min_class_prob, filter.class_prob_quantile), then "
+                        f"rerun: finished units are "
                         f"kept")
     if empty:
         log.warning("filter kept no synthetic image of %s: those classes stay real-only in the hybrid conditions",
@@ -112,8 +119,15 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
         g_hash = to_dict(gcfg)
         g_hash["data"]["split"] = None
         units.append(Unit("generator", "generator", paths.generator, g_hash,
-                          lambda resume: train_generator(gcfg, paths.generator, resume="latest" if resume else None),
-                          upstream=["split"], done_file="generator.json"))
+                          lambda resume: _train_gen(gcfg, paths.generator, resume), upstream=["split"],
+                          done_file="generator.json", job=(_train_gen, (gcfg, paths.generator))))
+        # the real-only reference classifier comes next: it needs only the split, so with study.workers > 1 it
+        # trains beside the generator
+        rcfg = reference_config(cfg)
+        rcfg.data.split, rcfg.data.synthetic, rcfg.train.seed = str(paths.split), None, cfg.seeds[0]
+        ref = paths.reference_classifier
+        units.append(Unit("reference", "reference classifier", ref, _hashable(rcfg), _train_clf(rcfg, ref),
+                          upstream=["split"], done_file="metrics.json", job=(train_classifier, (rcfg, ref))))
         gen = cfg.generation
         units.append(Unit("samples", "samples", paths.samples, {"generation": gen, "classes": rare},
                           lambda resume: generate(paths.generator, classes=",".join(rare), per_class=gen.per_class,
@@ -123,11 +137,6 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
                           upstream=["generator"], done_file="manifest.csv"))
         synthetic_src["unfiltered"] = ("samples", paths.samples / "manifest.csv")
 
-        rcfg = reference_config(cfg)
-        rcfg.data.split, rcfg.data.synthetic, rcfg.train.seed = str(paths.split), None, cfg.seeds[0]
-        ref = paths.reference_classifier
-        units.append(Unit("reference", "reference classifier", ref, _hashable(rcfg), _train_clf(rcfg, ref),
-                          upstream=["split"], done_file="metrics.json"))
         units.append(Unit("filter", "filter", paths.filtered, cfg.filter,
                           lambda resume: _filter(paths, cfg, ref, rare),
                           upstream=["samples", "reference", "split"], done_file="manifest.csv"))
@@ -153,7 +162,7 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
             run = paths.classifier(cond.name, seed)
             units.append(Unit(f"classifier/{cond.name}/seed{seed}", "classifiers", run,
                               {"clf": _hashable(ccfg), "synthetic": cond.synthetic}, _train_clf(ccfg, run),
-                              upstream=upstream, done_file="metrics.json"))
+                              upstream=upstream, done_file="metrics.json", job=(train_classifier, (ccfg, run))))
             runs.setdefault(cond.name, {})[seed] = run
     return units, runs, ratios
 
@@ -206,7 +215,7 @@ def run_study(cfg: StudyConfig, out: str | Path) -> Path:
                  sum(len(v) for v in runs.values()))
         write_provenance(paths)
         runner = UnitRunner(paths.root, units)
-        runner.run_all()
+        runner.run_all(workers=cfg.workers)
 
         t0 = time.perf_counter()
         q_path = paths.quality / "samples" / "quality.json"

@@ -9,13 +9,21 @@ units' hashes*, so a change anywhere reruns exactly the units downstream of it. 
 
 A unit whose recorded hash differs from the current one is stale: its output folder is deleted and it starts fresh.
 Wall time per unit accumulates over resumes; ``timings.json`` sums it per stage.
+
+Units that carry a ``job`` (a picklable function and its arguments; the study gives every classifier unit one) may
+run ``workers`` at a time in separate processes: one small classifier leaves a large GPU mostly idle (its step time is
+kernel-launch bound), so several side by side finish a grid of seeds and conditions in a fraction of the time.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
+import multiprocessing
+import os
 import shutil
+import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +50,20 @@ class Unit:
     upstream: list[str] = field(default_factory=list)
     done_file: str | None = None
     hash: str = ""
+    # (function, args): the same work as ``run``, callable in another process as function(*args, resume=...)
+    job: tuple[Callable[..., Any], tuple] | None = None
+
+
+def _run_job(fn: Callable[..., Any], args: tuple, resume: bool, threads: int) -> float:
+    """Worker-process side of a pooled unit: run it with a fair share of the CPU threads; returns its wall time."""
+    # N workers x all cores each would oversubscribe the CPU (the job's unpickling usually imported torch already)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    t0 = time.perf_counter()
+    fn(*args, resume=resume)
+    return time.perf_counter() - t0
 
 
 def unit_hash(unit: Unit, upstream_hashes: dict[str, str]) -> str:
@@ -121,8 +143,81 @@ class UnitRunner:
         # a stage's first unit gives the estimate for the rest of that stage
         return f"~{_fmt_s(known)} left + {unknown} unit(s) of stages not yet timed" if known else "time left: not yet known"
 
-    def run_all(self) -> dict[str, float]:
-        """Run every unit not yet done; returns this invocation's wall time per stage."""
+    def _start(self, u: Unit) -> tuple[bool, float, str]:
+        resume, before = self._prepare(u)
+        started = dt.datetime.now().isoformat(timespec="seconds")
+        self._write_state(u, status="running", started=started, wall_s=before)
+        return resume, before, started
+
+    def _finish(self, u: Unit, started: str, wall: float) -> None:
+        if u.done_file is not None and not (u.out / u.done_file).is_file():
+            raise RuntimeError(f"{u.name}: the stage returned but {u.out / u.done_file} is missing")
+        self._write_state(u, status="done", started=started, wall_s=wall,
+                          finished=dt.datetime.now().isoformat(timespec="seconds"))
+        self.write_timings()
+
+    def _run_one(self, u: Unit, spent: dict[str, float]) -> float:
+        resume, before, started = self._start(u)
+        t0 = time.perf_counter()
+        try:
+            u.run(resume)
+        finally:
+            # time spent counts even when the stage fails or is interrupted: the next run resumes it
+            wall = before + time.perf_counter() - t0
+            spent[u.stage] = spent.get(u.stage, 0.0) + time.perf_counter() - t0
+            if self.state(u).get("status") == "running":
+                self._write_state(u, status="running", started=started, wall_s=wall)
+        self._finish(u, started, wall)
+        return wall
+
+    def _run_wave(self, wave: list[Unit], workers: int, spent: dict[str, float], bar: tqdm) -> None:
+        """Run independent pooled units ``workers`` at a time; the others finish even when one fails."""
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked; spawn works everywhere
+        errors: list[tuple[Unit, BaseException]] = []
+        t0 = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            running: dict[Future, tuple[Unit, float, str]] = {}
+            for u in wave:
+                resume, before, started = self._start(u)
+                fn, args = u.job
+                running[pool.submit(_run_job, fn, args, resume, threads)] = (u, before, started)
+            log.info("%d units in %d worker processes (%d CPU threads each)", len(wave), workers, threads)
+            pending = set(running)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    u, before, started = running[f]
+                    try:
+                        wall = before + f.result()
+                        self._finish(u, started, wall)
+                    except BaseException as e:  # noqa: BLE001 - reported below, after the other units finish
+                        log.error("%s failed: %r", u.name, e)
+                        errors.append((u, e))
+                        continue
+                    bar.update(1)
+                    log.info("%s done in %s", u.name, _fmt_s(wall))
+        # the wave's wall time, shared among its stages in proportion to their units' own times, so that the
+        # stages' elapsed times add up to the time that actually passed
+        wave_wall = time.perf_counter() - t0
+        own = {u.stage: 0.0 for u in wave}
+        for u in wave:
+            own[u.stage] += float(self.state(u).get("wall_s", 0.0)) or 1e-9
+        share = {k: wave_wall * v / sum(own.values()) for k, v in own.items()}
+        for k, v in share.items():
+            spent[k] = spent.get(k, 0.0) + v
+        self.write_timings(elapsed=share)
+        if errors:
+            u, e = errors[0]
+            raise RuntimeError(f"{len(errors)} of {len(wave)} pooled units failed; first: {u.name}: {e!r} "
+                               f"(see {u.out}/log.txt); finished units are kept, rerun to resume") from e
+
+    def run_all(self, workers: int = 1) -> dict[str, float]:
+        """Run every unit not yet done; returns this invocation's wall time per stage.
+
+        With ``workers`` > 1, consecutive units that carry a ``job`` and do not depend on each other run in that
+        many processes at once.
+        """
         todo = [u for u in self.units if not self.is_done(u)]
         skipped = len(self.units) - len(todo)
         if skipped:
@@ -131,37 +226,41 @@ class UnitRunner:
         bar = tqdm(total=len(self.units), initial=skipped, unit="unit", dynamic_ncols=True, position=0,
                    bar_format="{desc} {n_fmt}/{total_fmt} units [{elapsed}{postfix}]")
         try:
-            for i, u in enumerate(todo):
+            i = 0
+            while i < len(todo):
+                u = todo[i]
+                if workers > 1 and u.job is not None:
+                    wave: list[Unit] = []
+                    while (i < len(todo) and todo[i].job is not None
+                           and not {w.name for w in wave} & set(todo[i].upstream)):
+                        wave.append(todo[i])
+                        i += 1
+                    if len(wave) > 1:
+                        bar.set_description_str(f"{u.stage}: {len(wave)} units, {workers} at a time")
+                        bar.set_postfix_str(self._eta(todo[i - len(wave):]))
+                        self._run_wave(wave, workers, spent, bar)
+                        continue
+                    i -= 1
                 eta = self._eta(todo[i:])
                 bar.set_description_str(f"{u.stage}: {u.name}")
                 bar.set_postfix_str(eta)
-                resume, before = self._prepare(u)
-                log.info("[%d/%d] %s %s (%s)", skipped + i + 1, len(self.units), "resuming" if resume else "running",
-                         u.name, eta)
-                started = dt.datetime.now().isoformat(timespec="seconds")
-                self._write_state(u, status="running", started=started, wall_s=before)
-                t0 = time.perf_counter()
-                try:
-                    u.run(resume)
-                finally:
-                    # time spent counts even when the stage fails or is interrupted: the next run resumes it
-                    wall = before + time.perf_counter() - t0
-                    spent[u.stage] = spent.get(u.stage, 0.0) + time.perf_counter() - t0
-                    if self.state(u).get("status") == "running":
-                        self._write_state(u, status="running", started=started, wall_s=wall)
-                if u.done_file is not None and not (u.out / u.done_file).is_file():
-                    raise RuntimeError(f"{u.name}: the stage returned but {u.out / u.done_file} is missing")
-                self._write_state(u, status="done", started=started, wall_s=wall,
-                                  finished=dt.datetime.now().isoformat(timespec="seconds"))
-                self.write_timings()
+                log.info("[%d/%d] %s %s (%s)", skipped + i + 1, len(self.units),
+                         "resuming" if self.state(u).get("hash") == u.hash else "running", u.name, eta)
+                wall = self._run_one(u, spent)
                 bar.update(1)
                 log.info("%s done in %s", u.name, _fmt_s(wall))
+                i += 1
         finally:
             bar.close()
         return spent
 
-    def write_timings(self, extra: dict[str, float] | None = None) -> Path:
-        """timings.json: wall seconds per stage (summed over its units, resumes included) and per unit."""
+    def write_timings(self, extra: dict[str, float] | None = None,
+                      elapsed: dict[str, float] | None = None) -> Path:
+        """timings.json: wall seconds per stage (summed over its units, resumes included) and per unit.
+
+        ``elapsed`` records a stage's wall-clock time when its units ran side by side: ``total_s`` then counts the
+        elapsed time of that stage, not the sum of its units' (overlapping) times.
+        """
         units = {u.name: float(self.state(u).get("wall_s", 0.0)) for u in self.units
                  if self.state(u).get("hash") == u.hash}
         stages: dict[str, dict[str, float]] = {}
@@ -170,16 +269,22 @@ class UnitRunner:
                 s = stages.setdefault(u.stage, {"wall_s": 0.0, "units": 0})
                 s["wall_s"] += units[u.name]
                 s["units"] += 1
-        old = {}
+        old: dict = {}
         if self.paths.timings.is_file():
             try:
-                old = json.loads(self.paths.timings.read_text()).get("other", {})
+                old = json.loads(self.paths.timings.read_text())
             except json.JSONDecodeError:
                 old = {}
-        other = {**old, **(extra or {})}
-        total = sum(s["wall_s"] for s in stages.values()) + sum(other.values())
-        return atomic_write_json(self.paths.timings, {"stages": stages, "other": other, "total_s": total,
-                                                      "units": units})
+        other = {**old.get("other", {}), **(extra or {})}
+        par = old.get("elapsed", {})
+        for k, v in (elapsed or {}).items():
+            par[k] = par.get(k, 0.0) + v
+        for k, v in par.items():
+            if k in stages:
+                stages[k]["elapsed_s"] = v
+        total = sum(s.get("elapsed_s", s["wall_s"]) for s in stages.values()) + sum(other.values())
+        return atomic_write_json(self.paths.timings, {"stages": stages, "other": other, "elapsed": par,
+                                                      "total_s": total, "units": units})
 
 
 __all__ = ["Unit", "UnitRunner", "unit_hash"]

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One GPU round, everything in one go: the HAM10000 study (configs/ham10000_gpu.yaml) from the compact archive, and
+# the speed benchmarks of bench/, each ratio measured against its reference in the same process.
+#
+#   OUT=<results folder> bash bench/gpu_round.sh [budget seconds, default 560]
+#   SMOKE=1 OUT=/tmp/round bash bench/gpu_round.sh 1200     # CPU check of the script at tiny sizes
+#
+# Needs data/ham10000-compact.tar.gz (bench/pack_ham10000.py). Order: the study with seed 0 (a complete report
+# early), the benchmarks, then the study again with all three seeds (it resumes: seed 0 is not redone). Every step
+# runs under a time limit cut to what is left of the budget. Writes $OUT/results.tgz (logs, benchmark JSON, the
+# study without images or weights; its report embeds HAM10000 images: keep it out of git) and prints the summary
+# last.
+set -uo pipefail
+BUDGET=${1:-560}
+OUT=${OUT:-/tmp/gpu_round}
+W=${WORK:-/tmp/dermsynth_round}
+SMOKE=${SMOKE:-0}
+mkdir -p "$OUT" "$W/logs"
+LOGS=$W/logs
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 DERMSYNTH_CACHE=$W/cache PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+T0=$SECONDS
+
+step() {  # step NAME LIMIT CMD...: run CMD under min(LIMIT, time left), output to $LOGS/NAME.log
+    local name=$1 lim=$2 left
+    shift 2
+    left=$((BUDGET - (SECONDS - T0) - 15))
+    ((left < lim)) && lim=$left
+    if ((lim < 10)); then echo "$name: skipped, budget spent" | tee -a "$LOGS/steps.txt"; return 0; fi
+    local t=$SECONDS
+    timeout "$lim" "$@" >"$LOGS/$name.log" 2>&1
+    echo "$name: exit $? after $((SECONDS - t)) s (limit $lim s)" | tee -a "$LOGS/steps.txt"
+}
+
+{ date -u; nvidia-smi 2>&1 | head -15; $PY -c "
+import torch, diffusers, timm, transformers, peft, accelerate, torchmetrics
+print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')
+print('diffusers', diffusers.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__,
+      'peft', peft.__version__, 'accelerate', accelerate.__version__, 'torchmetrics', torchmetrics.__version__)"; } \
+    >"$LOGS/env.txt" 2>&1
+cat "$LOGS/env.txt"
+tar xzf data/ham10000-compact.tar.gz -C "$W" || { echo "no data/ham10000-compact.tar.gz"; exit 1; }
+
+STUDY=(-m dermsynth study -c configs/ham10000_gpu.yaml --set "data.root=$W/ham10000-compact" --out "$W/study")
+if [[ $SMOKE == 1 ]]; then  # the same path at toy sizes, on CPU
+    STUDY+=(--set generator.data.image_size=16 --set generator.model.size=test --set generator.train.steps=20
+            --set generator.train.checkpoint_every=10 --set generator.train.validate_every=0
+            --set generator.sample.batch_size=32 --set generation.per_class=16 --set classifier.data.image_size=32
+            --set classifier.model.name=test_efficientnet --set classifier.model.pretrained=none
+            --set classifier.train.epochs=1 --set filter.features.input_size=32 --set quality.features.input_size=32
+            --set quality.repeats=2 --set workers=2 --set n_boot=50 --set classifier.eval.n_boot=50)
+    SAMPLING=(--size tiny --image-size 16 --batch 4 --repeats 1 --plain-steps 4 --steps 2)
+    GENTRAIN=(--size tiny --image-size 16 --batch 4 --steps 2 --warmup 1)
+    SD=(--tiny)
+    DATAPATH=(--size 32 --steps 2 --blocks 1 --batch-size 16)
+else
+    SAMPLING=(--size base64 --image-size 64 --batch 256 --repeats 3)
+    GENTRAIN=(--size base64 --image-size 64 --batch 128 --steps 40 --warmup 10)
+    SD=(--warmup 1 --gen-repeats 2)
+    DATAPATH=(--size 128 --batch-size 64 --steps 30 --blocks 3)
+fi
+
+step study_seed0 330 $PY "${STUDY[@]}" --set "seeds=[0]"
+step bench_sampling 60 $PY bench/bench_sampling.py "${SAMPLING[@]}"
+step bench_gen_train 60 $PY bench/bench_gen_train.py "${GENTRAIN[@]}" --out "$LOGS/bench_gen_train.json"
+step bench_sd15 150 $PY bench/bench_sd15.py "${SD[@]}" --out "$LOGS/bench_sd15.json"
+step bench_clf_datapath 45 $PY bench/bench_clf_datapath.py --split "$W/study/split/split.json" "${DATAPATH[@]}"
+step study_3seeds 400 $PY "${STUDY[@]}"
+
+$PY bench/study_summary.py "$W/study" >"$LOGS/summary.txt" 2>&1
+# what comes back: logs, benchmark results, the study's tables, reports, grids and logs (no PNG samples, no weights)
+tar czf "$OUT/results.tgz" -C "$W" logs \
+    --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npy' --exclude='*.npz' \
+    --exclude='study/samples/images' --exclude='study/samples/*/*.png' --exclude='study/data' study 2>/dev/null
+ls -la "$OUT"
+for f in "$LOGS"/bench_*.log; do echo "== $f"; grep -v -e '%|' -e '^\s*$' "$f" | tail -12; done
+echo "== steps"; cat "$LOGS/steps.txt"
+echo "== summary"; cat "$LOGS/summary.txt"

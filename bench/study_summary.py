@@ -1,0 +1,78 @@
+"""Print a study's headline numbers as short plain-text tables (what a GPU round prints last).
+
+    python bench/study_summary.py <study folder>
+
+Reads only what the study wrote: timings.json, filter/filter.json, quality/*/quality.json, aggregate/*.csv|json.
+Test-part numbers are reported; the best baseline was chosen on validation by the study itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+METRICS = ("macro_f1", "minority_f1", "balanced_accuracy", "accuracy")
+
+
+def _json(p: Path) -> dict | None:
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def summary(study: Path) -> str:
+    lines: list[str] = [f"study {study}"]
+    t = _json(study / "timings.json")
+    if t:
+        st = {k: round(v.get("elapsed_s", v["wall_s"]), 1) for k, v in t["stages"].items()}
+        lines.append(f"elapsed per stage (s): {st}; other {({k: round(v, 1) for k, v in t['other'].items()})}; "
+                     f"total {t['total_s']:.0f} s")
+    f = _json(study / "filter" / "filter.json")
+    if f:
+        kept = {c: f"{v['kept']}/{v['in']} {v['by_reason']}" for c, v in f["per_class"].items()}
+        lines.append(f"filter kept: {kept}")
+        if f.get("class_prob_thresholds"):
+            lines.append("class-prob thresholds: " + ", ".join(
+                f"{c} {v['threshold']:.3f}" for c, v in f["class_prob_thresholds"].items()))
+    for which in ("samples", "filtered"):
+        q = _json(study / "quality" / which / "quality.json")
+        if not q:
+            continue
+        for c, g in q["groups"].items():
+            if "synthetic" not in g:
+                lines.append(f"quality[{which}] {c:16s} not measured: {g.get('skipped') or g.get('reason') or g}")
+                continue
+            s, fl = g["synthetic"], g["floor"]
+            lines.append(f"quality[{which}] {c:16s} N={g['N']:4d}  FD {s['FD_lite0']:8.1f} vs floor {fl['FD_lite0']:7.1f}"
+                         f" ({s['FD_lite0'] / fl['FD_lite0']:.2f}x)  KID {s['KID_lite0']:.4f} vs floor "
+                         f"{fl['KID_lite0']:.4f}  precision {s['precision_lite0']:.2f} recall {s['recall_lite0']:.2f}")
+    agg = study / "aggregate"
+    if (agg / "table.csv").is_file():
+        a = _json(agg / "aggregate.json") or {}
+        tab = pd.read_csv(agg / "table.csv")
+        tab = tab[(tab["part"] == "test") & tab["metric"].isin(METRICS)]
+        rows = {}
+        for (cond, metric), r in tab.set_index(["condition", "metric"]).iterrows():
+            ci = "" if pd.isna(r["ci_lo"]) else f" [{r['ci_lo']:.3f}, {r['ci_hi']:.3f}]"
+            sd = "" if pd.isna(r["std"]) else f" +- {r['std']:.3f}"
+            rows.setdefault(cond, {})[metric] = f"{r['mean']:.3f}{sd}{ci}"
+        lines.append(f"test metrics, mean +- std over {int(tab['n'].max())} seed(s) [95 % t-interval]; best baseline "
+                     f"on val: {a.get('best_baseline')}")
+        lines.append(pd.DataFrame(rows).T.reindex(columns=list(METRICS)).to_string())
+        comp = pd.read_csv(agg / "comparisons.csv")
+        comp = comp[(comp["condition"] == a.get("primary")) & comp["metric"].isin(METRICS)]
+        for _, r in comp.iterrows():
+            lines.append(f"{r['condition']} - {r['reference']} {r['metric']:18s} {r['diff']:+.3f} "
+                         f"(seeds CI [{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]; lesion bootstrap "
+                         f"[{r['boot_lo']:+.3f}, {r['boot_hi']:+.3f}])")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", type=Path)
+    print(summary(p.parse_args().study))
+
+
+if __name__ == "__main__":
+    main()

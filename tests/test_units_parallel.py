@@ -1,0 +1,66 @@
+"""Pooled units (study.workers > 1): independent units run in separate processes, their state and timings are
+recorded as for serial units, and one failure does not lose the others' results."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+
+from dermsynth.experiments.study import plan
+from dermsynth.experiments.units import Unit, UnitRunner
+from tests_support_jobs import write_pid
+
+
+def _units(root: Path, fail: str = "") -> list[Unit]:
+    units = [Unit("prep", "prep", root / "prep", {}, lambda resume: write_pid(str(root / "prep"), resume=resume),
+                  done_file="pid.txt")]
+    for name in ("a", "b", "c"):
+        out = root / "runs" / name
+        args = (str(out), name == fail)
+        units.append(Unit(f"clf/{name}", "classifiers", out, {"n": name},
+                          lambda resume, a=args: write_pid(*a, resume=resume), upstream=["prep"],
+                          done_file="pid.txt", job=(write_pid, args)))
+    return units
+
+
+def test_pooled_units_run_in_other_processes_and_are_recorded(tmp_path):
+    runner = UnitRunner(tmp_path, _units(tmp_path))
+    runner.run_all(workers=2)
+    pids = {n: int((tmp_path / "runs" / n / "pid.txt").read_text()) for n in "abc"}
+    assert int((tmp_path / "prep" / "pid.txt").read_text()) == os.getpid()  # a unit without a job runs here
+    assert os.getpid() not in pids.values() and len(set(pids.values())) >= 2  # two workers shared the three
+    assert all(runner.is_done(u) for u in runner.units)
+    t = json.loads((tmp_path / "timings.json").read_text())
+    st = t["stages"]["classifiers"]
+    assert st["units"] == 3 and 0 < st["elapsed_s"]
+    assert t["total_s"] == pytest.approx(st["elapsed_s"] + t["stages"]["prep"]["wall_s"])
+    # a rerun finds everything done and runs nothing
+    UnitRunner(tmp_path, _units(tmp_path, fail="a")).run_all(workers=2)
+
+
+def test_one_failing_pooled_unit_keeps_the_others_and_names_itself(tmp_path):
+    runner = UnitRunner(tmp_path, _units(tmp_path, fail="b"))
+    with pytest.raises(RuntimeError, match="1 of 3 pooled units failed; first: clf/b"):
+        runner.run_all(workers=3)
+    done = {u.name for u in runner.units if runner.is_done(u)}
+    assert done == {"prep", "clf/a", "clf/c"}
+    assert json.loads((tmp_path / "units" / "clf__b.json").read_text())["status"] == "running"  # resumed on rerun
+
+
+def test_study_units_carry_picklable_jobs(tmp_path):
+    from dermsynth.config import load_config
+    from dermsynth.experiments.config import StudyConfig
+
+    cfg = load_config(StudyConfig, Path(__file__).resolve().parents[1] / "configs" / "study_tiny.yaml", ["workers=3"])
+    units, _, _ = plan(cfg, tmp_path)
+    pooled = [u.name for u in units if u.job is not None]
+    assert "generator" in pooled and "reference" in pooled and any(n.startswith("classifier/") for n in pooled)
+    names = [u.name for u in units]
+    # the reference classifier sits right after the generator, so the two form one wave
+    assert names.index("reference") == names.index("generator") + 1
+    for u in units:
+        if u.job is not None:
+            pickle.dumps(u.job)
