@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--sampler", default="dpmpp")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, help="also write the result JSON here")
     a = p.parse_args()
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
@@ -94,25 +95,28 @@ def main() -> None:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rows = [("plain diffusers loop", f"ddim {a.plain_steps}, fp32, 2 passes", _time(run_plain, a.repeats, device)),
-            ("dermsynth, same steps", f"ddim {a.plain_steps}, batched guidance" + (", bf16" if device.type == "cuda"
-                                                                                    else ""),
-             _time(run_ours_same, a.repeats, device)),
-            ("dermsynth", f"{a.sampler} {a.steps}, batched guidance" + (", bf16" if device.type == "cuda" else "")
-             + (", compiled" if a.compile else ""), _time(run_ours, a.repeats, device))]
-    base = a.batch / rows[0][2]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device {device_name}, threads {torch.get_num_threads()}, network {a.gen or a.size} "
           f"{size}px, batch {a.batch}, guidance {a.guidance}")
-    print(f"{'path':24s} {'settings':44s} {'s/batch':>9s} {'img/s':>9s} {'ratio':>7s}")
-    for name, settings, sec in rows:
-        print(f"{name:24s} {settings:44s} {sec:9.3f} {a.batch / sec:9.1f} {a.batch / sec / base:7.2f}x")
+    print(f"{'path':24s} {'settings':44s} {'s/batch':>9s} {'img/s':>9s} {'ratio':>7s}", flush=True)
+    bf16 = ", bf16" if device.type == "cuda" else ""
+    todo = [("plain diffusers loop", f"ddim {a.plain_steps}, fp32, 2 passes", run_plain),
+            ("dermsynth, same steps", f"ddim {a.plain_steps}, batched guidance{bf16}", run_ours_same),
+            ("dermsynth", f"{a.sampler} {a.steps}, batched guidance{bf16}" + (", compiled" if a.compile else ""),
+             run_ours)]
+    rows = []
+    for name, settings, fn in todo:  # each row printed as soon as it is measured: a cut-off run keeps what it has
+        sec = _time(fn, a.repeats, device)
+        rows.append((name, settings, sec))
+        print(f"{name:24s} {settings:44s} {sec:9.3f} {a.batch / sec:9.1f} {rows[0][2] / sec:7.2f}x", flush=True)
     result = {"device": device_name, "network": str(a.gen or a.size), "image_size": size, "batch": a.batch,
               "rows": [{"path": n, "settings": s, "s_per_batch": sec, "img_per_s": a.batch / sec} for n, s, sec in rows],
               "ratio": rows[-1][2] and rows[0][2] / rows[-1][2]}
     if device.type == "cuda":
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     print(json.dumps(result))
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

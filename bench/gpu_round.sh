@@ -4,6 +4,8 @@
 #
 #   OUT=<results folder> bash bench/gpu_round.sh [budget seconds, default 560]
 #   SMOKE=1 OUT=/tmp/round bash bench/gpu_round.sh 1200     # CPU check of the script at tiny sizes
+#   SKIP_STUDY=1 ... / SKIP_BENCHES=1 ...                     # only the benchmarks / only the study
+#   SD_ARGS="--skip-train" ...                                # extra arguments of bench/bench_sd15.py
 #
 # Needs data/ham10000-compact.tar.gz (bench/pack_ham10000.py). Order: the study with seed 0 (a complete report
 # early), the benchmarks, then the study again with all three seeds (it resumes: seed 0 is not redone). Every step
@@ -54,18 +56,30 @@ if [[ $SMOKE == 1 ]]; then  # the same path at toy sizes, on CPU
     SD=(--tiny)
     DATAPATH=(--size 32 --steps 2 --blocks 1 --batch-size 16)
 else
-    SAMPLING=(--size base64 --image-size 64 --batch 256 --repeats 3)
+    # batch 128, one timed repeat: the fp32 two-pass reference alone takes ~10 s a batch on an H200
+    SAMPLING=(--size base64 --image-size 64 --batch 128 --repeats 1)
     GENTRAIN=(--size base64 --image-size 64 --batch 128 --steps 40 --warmup 10)
-    SD=(--warmup 1 --gen-repeats 2)
+    SD=(--warmup 1 --gen-repeats 2 ${SD_ARGS:-})
     DATAPATH=(--size 128 --batch-size 64 --steps 30 --blocks 3)
 fi
 
-step study_seed0 330 $PY "${STUDY[@]}" --set "seeds=[0]"
-step bench_sampling 60 $PY bench/bench_sampling.py "${SAMPLING[@]}"
-step bench_gen_train 60 $PY bench/bench_gen_train.py "${GENTRAIN[@]}" --out "$LOGS/bench_gen_train.json"
-step bench_sd15 150 $PY bench/bench_sd15.py "${SD[@]}" --out "$LOGS/bench_sd15.json"
-step bench_clf_datapath 45 $PY bench/bench_clf_datapath.py --split "$W/study/split/split.json" "${DATAPATH[@]}"
-step study_3seeds 400 $PY "${STUDY[@]}"
+if [[ ${SKIP_STUDY:-0} != 1 ]]; then
+    step study_seed0 330 $PY "${STUDY[@]}" --set "seeds=[0]"
+fi
+if [[ ${SKIP_BENCHES:-0} != 1 ]]; then
+    step bench_sampling 75 $PY bench/bench_sampling.py "${SAMPLING[@]}" --out "$LOGS/bench_sampling.json"
+    step bench_gen_train 60 $PY bench/bench_gen_train.py "${GENTRAIN[@]}" --out "$LOGS/bench_gen_train.json"
+    step bench_sd15 180 $PY bench/bench_sd15.py "${SD[@]}" --out "$LOGS/bench_sd15.json"
+    # needs a split: the study's, or one made here from the archive
+    if [[ ! -f $W/study/split/split.json ]]; then
+        step data_prepare 60 $PY -m dermsynth data prepare --source ham10000 --root "$W/ham10000-compact" --out "$W/study/data"
+        step data_split 30 $PY -m dermsynth data split --manifest "$W/study/data/manifest.csv" --out "$W/study/split"
+    fi
+    step bench_clf_datapath 45 $PY bench/bench_clf_datapath.py --split "$W/study/split/split.json" "${DATAPATH[@]}"
+fi
+if [[ ${SKIP_STUDY:-0} != 1 ]]; then
+    step study_3seeds 600 $PY "${STUDY[@]}"
+fi
 
 $PY bench/study_summary.py "$W/study" >"$LOGS/summary.txt" 2>&1
 # what comes back: logs, benchmark results, the study's tables, reports, grids and logs (no PNG samples, no weights)

@@ -80,7 +80,7 @@ def predict_images(run_dir: str | Path, images_uint8_nhwc: np.ndarray, device: s
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model, norm, cfg, _ = load_classifier(run_dir, dev)
-    t = torch.from_numpy(np.ascontiguousarray(x))
+    t = torch.from_numpy(np.require(x, requirements=["C", "W"]))  # a read-only (memory-mapped) cache is copied
     size = cfg.data.image_size
     if x.shape[1] != size:
         t = F.interpolate(t.permute(0, 3, 1, 2).float(), size=(size, size), mode="bilinear", antialias=True,
