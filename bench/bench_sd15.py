@@ -87,7 +87,6 @@ def bench_training(a: argparse.Namespace, device: torch.device, ckpt: Path) -> l
                      "img_per_s": a.train_batch / s, "peak_gib": peak_gib(device)})
         print(rows[-1], flush=True)
     trainer.save(ckpt, 0, {})  # the adapters the generation benchmark loads
-    del trainer
     return rows
 
 

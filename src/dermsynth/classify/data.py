@@ -20,7 +20,6 @@ from dermsynth.data.manifest import read_manifest
 from dermsynth.data.split import Split, load_split
 from dermsynth.generate.provenance import check_manifest_split
 from dermsynth.io import DataError
-from dermsynth.runlog import get_logger
 
 SYNTHETIC = "synthetic"
 COLUMNS = ["image_id", "group_id", "label", "source", "path"]

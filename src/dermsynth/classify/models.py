@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import timm
-import torch
 from torch import nn
 
 from dermsynth.classify.config import ModelConfig
