@@ -15,8 +15,8 @@ Rows:
 - plain diffusers loop: the body of diffusers' ``train_unconditional.py`` with class labels (10 % dropped to the null
   class): fp32, NCHW, ``torch.optim.AdamW`` with its default implementation, the example's cosine LR schedule, MSE on
   epsilon, grad-norm clip 1.0, ``EMAModel.step`` every step; plain ``loss.backward()``, no accelerate.
-- dermsynth step: the loop body of ``dermsynth.generate.scratch_train.train_scratch`` (inline there, so mirrored here
-  operation by operation, with ``GenTrainConfig``/``GenModelConfig`` defaults): the model and optimiser through
+- dermsynth step: ``dermsynth.generate.scratch_train.train_step``, the trainer's own step (with
+  ``GenTrainConfig``/``GenModelConfig`` defaults), set up as ``train_scratch`` does: the model and optimiser through
   ``Accelerator.prepare``, channels_last weights and input on CUDA, the forward under ``autocast_for(device, "auto")``
   (bf16 on CUDA, fp32 on CPU), loss in fp32 (optionally min-SNR weighted), ``acc.backward``, ``acc.clip_grad_norm_``,
   linear LR warm-up, the same (default, not fused) AdamW, ``EMAModel.step``, the per-quartile loss sums. Label dropout
@@ -46,10 +46,10 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from dermsynth.generate.config import GenModelConfig, GenTrainConfig
+from dermsynth.generate.config import GenConfig, GenModelConfig, GenTrainConfig
 from dermsynth.generate.models import NULL_CLASS, UNET_SIZES, build_unet, count_parameters
-from dermsynth.generate.samplers import autocast_for, train_scheduler
-from dermsynth.generate.scratch_train import class_weights, draw_batch
+from dermsynth.generate.samplers import train_scheduler
+from dermsynth.generate.scratch_train import add_quartile_losses, class_weights, draw_batch, train_step
 from dermsynth.io import atomic_write_json
 
 Step = Callable[[], torch.Tensor]  # one optimisation step; returns the (detached) loss
@@ -87,7 +87,7 @@ def plain_step(unet: Any, sched: Any, x0: torch.Tensor, y: torch.Tensor) -> Step
 
 def dermsynth_step(acc: Accelerator, unet: Any, sched: Any, m: GenModelConfig, t: GenTrainConfig,
                    batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]], compile: bool) -> Step:
-    """The loop body of scratch_train.train_scratch (minus logging/checkpoints), operation by operation."""
+    """The trainer's own step (scratch_train.train_step) with its set-up: accelerate, channels_last, AdamW, EMA."""
     device = acc.device
     on_gpu = device.type == "cuda"
     unet.to(device)
@@ -99,8 +99,7 @@ def dermsynth_step(acc: Accelerator, unet: Any, sched: Any, m: GenModelConfig, t
             "noise": torch.Generator(device=device).manual_seed(t.seed * 1_000_033)}
     model, opt = acc.prepare(unet, opt)
     forward = torch.compile(model) if compile else model
-    T = m.num_train_timesteps
-    alphas = sched.alphas_cumprod.to(device)
+    cfg = GenConfig(model=m, train=t)
     q_sum = torch.zeros(4, device=device, dtype=torch.float64)
     q_cnt = torch.zeros(4, device=device, dtype=torch.float64)
     done = 0
@@ -109,37 +108,10 @@ def dermsynth_step(acc: Accelerator, unet: Any, sched: Any, m: GenModelConfig, t
         nonlocal done
         model.train()
         x0, y = batch(rngs["data"])
-        n = x0.shape[0]
-        drop = torch.rand(n, generator=rngs["data"]).to(device) < t.label_dropout
-        y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
-        ts = torch.randint(0, T, (n,), generator=rngs["data"]).to(device)
-        noise = torch.randn(x0.shape, generator=rngs["noise"], device=device)
-        xt = sched.add_noise(x0, noise, ts)
-        target = noise if m.prediction_type == "epsilon" else sched.get_velocity(x0, noise, ts)
-        if on_gpu and t.channels_last:
-            xt = xt.contiguous(memory_format=torch.channels_last)
-        with autocast_for(device, t.precision):
-            pred = forward(xt, ts, class_labels=y).sample
-        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        if t.snr_gamma > 0:
-            snr = alphas[ts] / (1 - alphas[ts])
-            w = snr.clamp(max=t.snr_gamma) / (snr if m.prediction_type == "epsilon" else snr + 1)
-            loss = (per_sample * w).mean()
-        else:
-            loss = per_sample.mean()
-        acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), t.grad_clip)
-        lr = t.lr * min(1.0, (done + 1) / max(1, t.warmup_steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.step(unet.parameters())
-        q = (ts * 4 // T).clamp(max=3)
-        q_sum.index_add_(0, q, per_sample.detach().double())
-        q_cnt.index_add_(0, q, torch.ones_like(per_sample, dtype=torch.float64))
+        per_sample, ts, _, _ = train_step(acc, model, forward, opt, ema, unet, sched, cfg, x0, y, rngs, done)
+        add_quartile_losses(q_sum, q_cnt, per_sample, ts, m.num_train_timesteps)
         done += 1
-        return loss.detach()
+        return per_sample.mean()
 
     return step
 

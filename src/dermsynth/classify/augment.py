@@ -14,17 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from dermsynth.classify.config import AugmentConfig
+from dermsynth.device import to_device
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale
 _LUMA = (0.299, 0.587, 0.114)
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without stalling the GPU queue: a plain ``.to(cuda)`` from pageable memory waits for the stream
-    to drain, so every step would idle the GPU while Python prepares the next batch; pinned + non_blocking does not."""
-    if device.type != "cuda" or t.device.type == "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def dihedral(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

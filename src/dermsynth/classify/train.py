@@ -31,7 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dermsynth.classify.augment import augment_batch, normalize, to_device
+from dermsynth.classify.augment import augment_batch, normalize
+from dermsynth.device import to_device
 from dermsynth.classify.config import ClfConfig
 from dermsynth.classify.data import ClfData, labels_of, load_clf_data, load_images, open_caches
 from dermsynth.classify.losses import build_loss

@@ -36,6 +36,7 @@ from dermsynth.config import ConfigError, save_config, to_dict
 from dermsynth.data.cache import build_cache
 from dermsynth.data.labels import CLASSES, parse_classes
 from dermsynth.data.split import load_split
+from dermsynth.device import to_device
 from dermsynth.generate.config import GenConfig
 from dermsynth.generate.models import NULL_CLASS, build_unet, count_parameters, unet_from_config
 from dermsynth.generate.provenance import generator_info, read_generator_info, write_generator_info
@@ -75,18 +76,21 @@ def class_weights(labels: torch.Tensor, power: float) -> torch.Tensor:
 def draw_batch(images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, n: int, rng: torch.Generator,
                augment: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A weighted draw with replacement -> (x in [-1, 1], NCHW fp32 on device; class indices)."""
+    # every host -> device copy goes through to_device (pinned, non-blocking): a plain .to(cuda) waits for the GPU
+    # to finish its queue, so each step would stall several times
     idx = torch.multinomial(weights, n, replacement=True, generator=rng)
-    x = images[idx.to(images.device)].to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    x = to_device(images[to_device(idx, images.device)], device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     if augment:
         # the 8 symmetries of the square: a flip then 0-3 quarter turns (lesion photos have no "up")
         flip = torch.rand(n, generator=rng) < 0.5
         turns = torch.randint(0, 4, (n,), generator=rng)
-        x = torch.where(flip.to(device)[:, None, None, None], x.flip(3), x)
+        x = torch.where(to_device(flip, device)[:, None, None, None], x.flip(3), x)
         for k in (1, 2, 3):
-            sel = (turns == k).nonzero().squeeze(1).to(device)
+            sel = (turns == k).nonzero().squeeze(1)
             if len(sel):
+                sel = to_device(sel, device)
                 x[sel] = torch.rot90(x[sel], k, dims=(2, 3))
-    return x, labels[idx].to(device)
+    return x, to_device(labels[idx], device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -246,6 +250,53 @@ def _check_resumable(out: Path, ckpt: Path, cfg: GenConfig, fingerprint: str, sp
                         f"keep them or train a new run")
 
 
+def train_step(acc: Accelerator, model: torch.nn.Module, forward: Any, opt: torch.optim.Optimizer, ema: EMAModel,
+               unet: UNet2DModel, noise_sched: Any, cfg: GenConfig, x0: torch.Tensor, y: torch.Tensor,
+               rngs: dict[str, torch.Generator], step: int) -> tuple[torch.Tensor, torch.Tensor, float, Any]:
+    """One optimisation step on a batch (x0 in [-1, 1], class indices): label dropout to the null class, noising at
+    random timesteps, the MSE loss in fp32 (min-SNR weighted if asked), clipping, linear warm-up, AdamW, EMA.
+
+    ``model`` is the accelerate-prepared UNet and ``forward`` the callable used for the forward pass (the model, or
+    its compiled wrapper). Returns (per-sample loss, timesteps, learning rate, gradient norm)."""
+    t, device = cfg.train, x0.device
+    n, T = x0.shape[0], cfg.model.num_train_timesteps
+    drop = to_device(torch.rand(n, generator=rngs["data"]), device) < t.label_dropout
+    y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
+    ts = to_device(torch.randint(0, T, (n,), generator=rngs["data"]), device)
+    noise = torch.randn(x0.shape, generator=rngs["noise"], device=device)
+    xt = noise_sched.add_noise(x0, noise, ts)
+    target = noise if cfg.model.prediction_type == "epsilon" else noise_sched.get_velocity(x0, noise, ts)
+    if device.type == "cuda" and t.channels_last:
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    with autocast_for(device, t.precision):  # bf16 on CUDA under "auto"; the loss is taken in fp32
+        pred = forward(xt, ts, class_labels=y).sample
+    per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+    if t.snr_gamma > 0:  # min-SNR-gamma: stop the easy low-noise steps from dominating the gradient
+        alphas = to_device(noise_sched.alphas_cumprod, device)[ts]
+        snr = alphas / (1 - alphas)
+        w = snr.clamp(max=t.snr_gamma) / (snr if cfg.model.prediction_type == "epsilon" else snr + 1)
+        loss = (per_sample * w).mean()
+    else:
+        loss = per_sample.mean()
+    acc.backward(loss)
+    grad_norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip)
+    lr = t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps))
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema.step(unet.parameters())
+    return per_sample.detach(), ts, lr, grad_norm
+
+
+def add_quartile_losses(q_sum: torch.Tensor, q_cnt: torch.Tensor, per_sample: torch.Tensor, ts: torch.Tensor,
+                        T: int) -> None:
+    """Accumulate the loss per timestep quartile on the device (read back only when logged: no sync per step)."""
+    q = (ts * 4 // T).clamp(max=3)
+    q_sum.index_add_(0, q, per_sample.double())
+    q_cnt.index_add_(0, q, torch.ones_like(per_sample, dtype=torch.float64))
+
+
 def train_scratch(cfg: GenConfig, out: str | Path, resume: str | Path | None = None) -> Path:
     """Train (or resume) a from-scratch generator in run folder ``out``; returns ``out``."""
     out = Path(out)
@@ -319,7 +370,6 @@ def train_scratch(cfg: GenConfig, out: str | Path, resume: str | Path | None = N
         q_sum = torch.zeros(4, device=device, dtype=torch.float64)
         q_cnt = torch.zeros(4, device=device, dtype=torch.float64)
         T = cfg.model.num_train_timesteps
-        alphas = noise_sched.alphas_cumprod.to(device)
         t0, last_t, last_step, grad_norm = time.perf_counter(), time.perf_counter(), start, float("nan")
         cpu0 = time.process_time()  # CPU seconds: a load-independent cost measure on a shared machine
         bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="train-gen",
@@ -327,34 +377,9 @@ def train_scratch(cfg: GenConfig, out: str | Path, resume: str | Path | None = N
         for step in bar:
             model.train()
             x0, y = draw_batch(images, labels, weights, per_proc, rngs["data"], t.augment, device)
-            drop = torch.rand(per_proc, generator=rngs["data"]).to(device) < t.label_dropout
-            y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
-            ts = torch.randint(0, T, (per_proc,), generator=rngs["data"]).to(device)
-            noise = torch.randn(x0.shape, generator=rngs["noise"], device=device)
-            xt = noise_sched.add_noise(x0, noise, ts)
-            target = noise if cfg.model.prediction_type == "epsilon" else noise_sched.get_velocity(x0, noise, ts)
-            if on_gpu and t.channels_last:
-                xt = xt.contiguous(memory_format=torch.channels_last)
-            with autocast_for(device, t.precision):  # bf16 on CUDA under "auto"; the loss is taken in fp32
-                pred = forward(xt, ts, class_labels=y).sample
-            per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-            if t.snr_gamma > 0:  # min-SNR-gamma: stop the easy low-noise steps from dominating the gradient
-                snr = alphas[ts] / (1 - alphas[ts])
-                w = snr.clamp(max=t.snr_gamma) / (snr if cfg.model.prediction_type == "epsilon" else snr + 1)
-                loss = (per_sample * w).mean()
-            else:
-                loss = per_sample.mean()
-            acc.backward(loss)
-            grad_norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip)
-            lr = t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema.step(unet.parameters())
-            q = (ts * 4 // T).clamp(max=3)
-            q_sum.index_add_(0, q, per_sample.detach().double())
-            q_cnt.index_add_(0, q, torch.ones_like(per_sample, dtype=torch.float64))
+            per_sample, ts, lr, grad_norm = train_step(acc, model, forward, opt, ema, unet, noise_sched, cfg, x0, y,
+                                                       rngs, step)
+            add_quartile_losses(q_sum, q_cnt, per_sample, ts, T)
             done = step + 1
 
             if done % t.log_every == 0 or done == t.steps:
