@@ -4,7 +4,7 @@
 #
 #   OUT=<results folder> bash bench/gpu_round.sh [budget seconds, default 560]
 #   SMOKE=1 OUT=/tmp/round bash bench/gpu_round.sh 1200     # CPU check of the script at tiny sizes
-#   SKIP_STUDY=1 ... / SKIP_BENCHES=1 ...                     # only the benchmarks / only the study
+#   SKIP_STUDY=1 ... / SKIP_BENCHES=1 ...                     # only the benchmarks / only the 3-seed study
 #   SD_ARGS="--skip-train" ...                                # extra arguments of bench/bench_sd15.py
 #
 # Needs data/ham10000-compact.tar.gz (bench/pack_ham10000.py). Order: the study with seed 0 (a complete report
@@ -54,20 +54,23 @@ if [[ $SMOKE == 1 ]]; then  # the same path at toy sizes, on CPU
     SAMPLING=(--size tiny --image-size 16 --batch 4 --repeats 1 --plain-steps 4 --steps 2)
     GENTRAIN=(--size tiny --image-size 16 --batch 4 --steps 2 --warmup 1)
     SD=(--tiny)
+    RANDAUG=(--batch 8 --size 32 --repeats 1)
     DATAPATH=(--size 32 --steps 2 --blocks 1 --batch-size 16)
 else
     # batch 128, one timed repeat: the fp32 two-pass reference alone takes ~10 s a batch on an H200
     SAMPLING=(--size base64 --image-size 64 --batch 128 --repeats 1)
     GENTRAIN=(--size base64 --image-size 64 --batch 128 --steps 40 --warmup 10)
     SD=(--warmup 1 --gen-repeats 2 ${SD_ARGS:-})
+    RANDAUG=(--batch 64 --size 128 --repeats 5)
     DATAPATH=(--size 128 --batch-size 64 --steps 30 --blocks 3)
 fi
 
-if [[ ${SKIP_STUDY:-0} != 1 ]]; then
+if [[ ${SKIP_STUDY:-0} != 1 && ${SKIP_BENCHES:-0} != 1 ]]; then  # a complete one-seed report before the benchmarks
     step study_seed0 330 $PY "${STUDY[@]}" --set "seeds=[0]"
 fi
 if [[ ${SKIP_BENCHES:-0} != 1 ]]; then
     step bench_sampling 75 $PY bench/bench_sampling.py "${SAMPLING[@]}" --out "$LOGS/bench_sampling.json"
+    step bench_randaugment 45 $PY bench/bench_randaugment.py "${RANDAUG[@]}"
     step bench_gen_train 60 $PY bench/bench_gen_train.py "${GENTRAIN[@]}" --out "$LOGS/bench_gen_train.json"
     step bench_sd15 180 $PY bench/bench_sd15.py "${SD[@]}" --out "$LOGS/bench_sd15.json"
     # needs a split: the study's, or one made here from the archive

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dermsynth.classify.augment import augment_batch, color_jitter, dihedral, dihedral_views, zoom
+from dermsynth.classify.augment import augment_batch, color_jitter, dihedral, dihedral_views, randaugment, zoom
 from dermsynth.classify.config import AugmentConfig
 from dermsynth.classify.sampling import epoch_order, oversample_weights, shard_batches
 
@@ -89,3 +89,32 @@ def test_augment_batch_pipeline():
     assert a.dtype == torch.float32 and a.shape == (4, 3, 16, 16) and torch.equal(a, b)
     off = AugmentConfig(flips=False, color_jitter=0.0, scale_min=1.0, randaugment=False)
     assert torch.equal(augment_batch(x, off, torch.Generator()), x.float() / 255)
+
+
+def test_batched_randaugment_is_one_torchvision_draw_per_image():
+    """Each image gets its own (op, sign) draw per slot, and the grouped calls give exactly what applying that op to
+    the image alone gives (torchvision's op code, its magnitudes)."""
+    from torchvision.transforms import v2
+
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (24, 3, 16, 16), dtype=np.uint8))
+    torch.manual_seed(5)
+    got = randaugment(x, 2, 9)
+    ra = v2.RandAugment(num_ops=2, magnitude=9)
+    names, (h, w) = list(ra._AUGMENTATION_SPACE), x.shape[-2:]
+    torch.manual_seed(5)  # replay the same draws, then apply them one image at a time
+    draws = [(torch.randint(len(names), (len(x),)), torch.rand(len(x)) <= 0.5) for _ in range(2)]
+    want, ops_seen = [], set()
+    for i in range(len(x)):
+        img = x[i:i + 1]
+        for op, negative in draws:
+            fn, signed = ra._AUGMENTATION_SPACE[names[op[i]]]
+            mags = fn(ra.num_magnitude_bins, h, w)
+            mag = 0.0 if mags is None else float(mags[9]) * (-1 if signed and negative[i] else 1)
+            img = ra._apply_image_or_video_transform(img, names[op[i]], mag, interpolation=ra.interpolation,
+                                                     fill=ra._fill)
+            ops_seen.add(names[op[i]])
+        want.append(img)
+    assert got.dtype == torch.uint8 and got.shape == x.shape
+    assert torch.equal(got, torch.cat(want))
+    assert len(ops_seen) >= 8  # the images really drew different ops
+    assert not torch.equal(got, x)

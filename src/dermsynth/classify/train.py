@@ -259,7 +259,7 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
     if device.type == "cuda" and tc.channels_last:
         net.to(memory_format=torch.channels_last)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = tc.cudnn_benchmark
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
