@@ -42,10 +42,11 @@ def summary(study: Path) -> str:
             if "synthetic" not in g:
                 lines.append(f"quality[{which}] {c:16s} not measured: {g.get('skipped') or g.get('reason') or g}")
                 continue
-            s, fl = g["synthetic"], g["floor"]
-            lines.append(f"quality[{which}] {c:16s} N={g['N']:4d}  FD {s['FD_lite0']:8.1f} vs floor {fl['FD_lite0']:7.1f}"
-                         f" ({s['FD_lite0'] / fl['FD_lite0']:.2f}x)  KID {s['KID_lite0']:.4f} vs floor "
-                         f"{fl['KID_lite0']:.4f}  precision {s['precision_lite0']:.2f} recall {s['recall_lite0']:.2f}")
+            s, fl, e = g["synthetic"], g["floor"], q["extractor"]
+            lines.append(f"quality[{which}] {c:16s} N={g['N']:4d}  FD_{e} {s[f'FD_{e}']:8.1f} vs floor "
+                         f"{fl[f'FD_{e}']:7.1f} ({s[f'FD_{e}'] / fl[f'FD_{e}']:.2f}x)  KID {s[f'KID_{e}']:.4f} vs "
+                         f"floor {fl[f'KID_{e}']:.4f}  precision {s[f'precision_{e}']:.2f} "
+                         f"recall {s[f'recall_{e}']:.2f}")
     agg = study / "aggregate"
     if (agg / "table.csv").is_file():
         a = _json(agg / "aggregate.json") or {}

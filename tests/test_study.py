@@ -191,3 +191,15 @@ def test_demo_runs_the_demo_config_through_the_real_study(monkeypatch, tmp_path)
     assert cfg.name == "demo" and cfg.data.source == "toy" and len(cfg.seeds) == 3
     conds, ratios = validate(cfg)
     assert {"hybrid", "hybrid_unfiltered"} <= {c.name for c in conds} and ratios["focal"] == 0.0
+
+
+def test_the_summary_script_reads_a_finished_study(finished):
+    """bench/study_summary.py (what a GPU round prints last) reads every table a study writes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_summary", REPO / "bench" / "study_summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.summary(finished)
+    assert "elapsed per stage" in text and "filter kept" in text and "test metrics" in text
+    assert "hybrid - " in text and "real" in text
