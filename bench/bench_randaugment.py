@@ -12,30 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
-from dermsynth.classify.augment import randaugment
-
-
-def per_image(x: torch.Tensor, ops: int, magnitude: int) -> torch.Tensor:
-    from torchvision.transforms import v2
-
-    ra = v2.RandAugment(num_ops=ops, magnitude=magnitude)
-    return torch.stack([ra(img) for img in x])
-
-
-def timed(fn, x: torch.Tensor, repeats: int) -> float:
-    fn(x)  # warm-up
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn(x)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
+from bench_sampling import _time  # bench/ is on sys.path when a script in it runs
+from dermsynth.classify.augment import randaugment, randaugment_per_image
 
 
 def main() -> None:
@@ -49,8 +30,8 @@ def main() -> None:
                           ("cpu" if a.device == "auto" else a.device))
     torch.manual_seed(0)
     x = torch.randint(0, 256, (a.batch, 3, a.size, a.size), dtype=torch.uint8, device=device)
-    rows = {"per-image loop (torchvision)": timed(lambda b: per_image(b, 2, 9), x, a.repeats),
-            "grouped (dermsynth)": timed(lambda b: randaugment(b, 2, 9), x, a.repeats)}
+    rows = {"per-image loop (torchvision)": _time(lambda: randaugment_per_image(x, 2, 9), a.repeats, device),
+            "grouped (dermsynth)": _time(lambda: randaugment(x, 2, 9), a.repeats, device)}
     base = rows["per-image loop (torchvision)"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name}, batch {a.batch}, {a.size} px, {a.repeats} repeats")

@@ -140,29 +140,22 @@ def _fake_predict(monkeypatch, predict_images):
     monkeypatch.setitem(sys.modules, "dermsynth.classify.predict", module)
 
 
-def test_class_thresholds_are_val_quantiles_capped_with_fallback(monkeypatch, caplog):
+def test_class_thresholds_are_val_quantiles_capped_with_fallback(caplog):
     """Per class: the q-quantile of P(class) on that class's val images, never above min_class_prob; a class with no
-    val image falls back to min_class_prob with a warning. A fake image holds P in pixel (0, 0, 0) / 250 and the
-    class index in pixel (0, 0, 1)."""
-    def predict_images(run_dir, images):
-        p = images[:, 0, 0, 0] / 250.0
-        probs = np.tile((1 - p)[:, None] / (len(CLASSES) - 1), (1, len(CLASSES)))
-        probs[np.arange(len(images)), images[:, 0, 0, 1]] = p
-        return probs
-
-    _fake_predict(monkeypatch, predict_images)
+    val image falls back to min_class_prob with a warning."""
     labels = ["df"] * 5 + ["vasc"] * 4 + ["nv"]
-    images = np.zeros((len(labels), 4, 4, 3), np.uint8)
-    images[:, 0, 0, 0] = [5, 12, 20, 50, 60, 150, 175, 200, 225, 225]  # df P 0.02..0.24, vasc P 0.6..0.9
-    images[:, 0, 0, 1] = [CLASSES.index(c) for c in labels]
+    val_p = np.array([5, 12, 20, 50, 60, 150, 175, 200, 225, 225]) / 250  # df P 0.02..0.24, vasc P 0.6..0.9
     cfg = FilterConfig(min_class_prob=0.5, class_prob_quantile=0.1)
     with caplog.at_level(logging.WARNING, logger="dermsynth"):
-        thr = class_thresholds("run", images, pd.Series(labels), ["df", "vasc", "mel"], cfg)
-    assert thr["df"] == pytest.approx(np.quantile(np.array([5, 12, 20, 50, 60]) / 250, 0.1))  # 0.0312
-    assert 0.02 < thr["df"] < 0.05  # an interpolated quantile, far below min_class_prob
-    assert thr["vasc"] == 0.5  # its val quantile (0.63) is above min_class_prob: capped
-    assert thr["mel"] == 0.5 and "no mel image" in caplog.text  # absent from val: fallback, warned
+        thr = class_thresholds(val_p, pd.Series(labels), ["df", "vasc", "mel"], cfg)
+    assert thr["df"]["threshold"] == pytest.approx(np.quantile(np.array([5, 12, 20, 50, 60]) / 250, 0.1))  # 0.0312
+    assert 0.02 < thr["df"]["threshold"] < 0.05  # an interpolated quantile, far below min_class_prob
+    assert thr["df"]["n_val"] == 5 and thr["df"]["source"] == "val quantile"
+    assert thr["vasc"]["threshold"] == 0.5  # its val quantile (0.63) is above min_class_prob: capped
+    assert thr["mel"]["threshold"] == 0.5 and "no mel image" in caplog.text  # absent from val: fallback, warned
     assert set(thr) == {"df", "vasc", "mel"}  # nv (in val, not asked for) gets none
+    assert class_thresholds(val_p, labels, ["df"], FilterConfig(min_class_prob=0.5))["df"] == {
+        "threshold": 0.5, "n_val": 0, "source": "min_class_prob"}  # q = 0: the absolute threshold
 
 
 def test_calibrated_threshold_keeps_what_the_absolute_one_rejects(world, monkeypatch, tmp_path):

@@ -55,6 +55,14 @@ def color_jitter(x: torch.Tensor, strength: float, u: torch.Tensor) -> torch.Ten
     return x.clamp_(0, 1)
 
 
+def randaugment_per_image(x: torch.Tensor, ops: int, magnitude: int) -> torch.Tensor:
+    """torchvision v2 RandAugment called once per image (uint8 NCHW in and out): the reference for :func:`randaugment`."""
+    from torchvision.transforms import v2
+
+    ra = v2.RandAugment(num_ops=ops, magnitude=magnitude)
+    return torch.stack([ra(img) for img in x])
+
+
 def randaugment(x: torch.Tensor, ops: int, magnitude: int) -> torch.Tensor:
     """torchvision v2 RandAugment with one independent draw per image (uint8 NCHW in and out), applied op by op.
 
@@ -62,7 +70,7 @@ def randaugment(x: torch.Tensor, ops: int, magnitude: int) -> torch.Tensor:
     signed op, its sign with probability 1/2, exactly as ``v2.RandAugment`` does per call. The images that drew the
     same (op, sign) then go through torchvision's own op code in one batched call, which is the same as one call per
     image (every op has a fixed magnitude and acts on each image separately). Why: with one RandAugment call per image (3 transform calls
-    each), the RandAugment baseline trained at 140-220 img/s on an H200, 8-10x slower than the other conditions;
+    each), the RandAugment baseline trained at 140-220 img/s on an H200, 7-12x slower than the other conditions;
     this makes at most (ops in the space x 2 signs) calls per slot. Draws come from torch's global RNG (seeded per step).
     """
     from torchvision.transforms import v2
@@ -71,7 +79,7 @@ def randaugment(x: torch.Tensor, ops: int, magnitude: int) -> torch.Tensor:
     space = getattr(ra, "_AUGMENTATION_SPACE", None)
     apply = getattr(ra, "_apply_image_or_video_transform", None)
     if space is None or apply is None:  # torchvision moved its internals: the per-image loop, same distribution
-        return torch.stack([ra(img) for img in x])
+        return randaugment_per_image(x, ops, magnitude)
     names = list(space)
     n, (h, w) = x.shape[0], x.shape[-2:]
     x = x.clone()

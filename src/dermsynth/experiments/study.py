@@ -49,9 +49,11 @@ PACKAGES = ("torch", "torchvision", "timm", "diffusers", "numpy", "pandas", "sci
 # Units of the study
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _train_clf(cfg: ClfConfig, out: Path) -> Callable[[bool], Any]:
-    """A classifier unit's run function: after a kill, train_classifier resumes from the run's latest checkpoint."""
-    return lambda resume: train_classifier(cfg, out, resume=resume)
+def _job_unit(name: str, stage: str, out: Path, config: Any, fn: Callable[..., Any], args: tuple,
+              **kw: Any) -> Unit:
+    """A unit whose work is ``fn(*args, resume=...)``: run here, or in a worker process when study.workers > 1.
+    (After a kill, train_classifier and train_generator resume from the run's latest checkpoint.)"""
+    return Unit(name, stage, out, config, lambda resume: fn(*args, resume=resume), job=(fn, args), **kw)
 
 
 def _train_gen(cfg: GenConfig, out: Path, resume: bool) -> Path:
@@ -118,16 +120,15 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
         gcfg = dataclasses.replace(cfg.generator, data=dataclasses.replace(cfg.generator.data, split=str(paths.split)))
         g_hash = to_dict(gcfg)
         g_hash["data"]["split"] = None
-        units.append(Unit("generator", "generator", paths.generator, g_hash,
-                          lambda resume: _train_gen(gcfg, paths.generator, resume), upstream=["split"],
-                          done_file="generator.json", job=(_train_gen, (gcfg, paths.generator))))
+        units.append(_job_unit("generator", "generator", paths.generator, g_hash, _train_gen, (gcfg, paths.generator),
+                               upstream=["split"], done_file="generator.json"))
         # the real-only reference classifier comes next: it needs only the split, so with study.workers > 1 it
         # trains beside the generator
         rcfg = reference_config(cfg)
         rcfg.data.split, rcfg.data.synthetic, rcfg.train.seed = str(paths.split), None, cfg.seeds[0]
         ref = paths.reference_classifier
-        units.append(Unit("reference", "reference classifier", ref, _hashable(rcfg), _train_clf(rcfg, ref),
-                          upstream=["split"], done_file="metrics.json", job=(train_classifier, (rcfg, ref))))
+        units.append(_job_unit("reference", "reference classifier", ref, _hashable(rcfg), train_classifier, (rcfg, ref),
+                               upstream=["split"], done_file="metrics.json"))
         gen = cfg.generation
         units.append(Unit("samples", "samples", paths.samples, {"generation": gen, "classes": rare},
                           lambda resume: generate(paths.generator, classes=",".join(rare), per_class=gen.per_class,
@@ -160,9 +161,9 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
                 ccfg.data.synthetic, ccfg.data.synthetic_required = str(src_manifest), True
                 upstream.append(src_unit)
             run = paths.classifier(cond.name, seed)
-            units.append(Unit(f"classifier/{cond.name}/seed{seed}", "classifiers", run,
-                              {"clf": _hashable(ccfg), "synthetic": cond.synthetic}, _train_clf(ccfg, run),
-                              upstream=upstream, done_file="metrics.json", job=(train_classifier, (ccfg, run))))
+            units.append(_job_unit(f"classifier/{cond.name}/seed{seed}", "classifiers", run,
+                                   {"clf": _hashable(ccfg), "synthetic": cond.synthetic}, train_classifier, (ccfg, run),
+                                   upstream=upstream, done_file="metrics.json"))
             runs.setdefault(cond.name, {})[seed] = run
     return units, runs, ratios
 

@@ -69,35 +69,32 @@ def class_probs(run_dir: str | Path | None, images: np.ndarray, labels: pd.Serie
     return probs[np.arange(len(images)), [CLASSES.index(c) for c in labels]]
 
 
-def class_thresholds(run_dir: str | Path, val_images: np.ndarray, val_labels: pd.Series, classes: list[str],
-                     cfg: FilterConfig) -> dict[str, float]:
-    """Check (b)'s threshold per class: min(min_class_prob, q-quantile of P(c) on real val images of class c)."""
-    from dermsynth.classify.predict import predict_images
+def class_thresholds(val_p: np.ndarray, val_labels: pd.Series | np.ndarray, classes: list[str],
+                     cfg: FilterConfig) -> dict[str, dict]:
+    """Check (b)'s threshold per class, with the number of val images behind it and how it was obtained.
 
-    labels = np.asarray(val_labels)
-    probs = np.asarray(predict_images(Path(run_dir), val_images)) if len(val_images) else np.empty((0, len(CLASSES)))
+    ``val_p``: P(own class) of each real val image (from the same reference classifier). With class_prob_quantile
+    q > 0 the threshold of class c is min(min_class_prob, q-quantile of val_p over the val images of class c);
+    otherwise, or without a val image of c, it is min_class_prob."""
+    labels, q = np.asarray(val_labels), cfg.class_prob_quantile
     out = {}
     for c in classes:
-        p = probs[labels == c, CLASSES.index(c)]
-        if len(p) == 0:
+        p = val_p[labels == c] if q > 0 else np.empty(0)
+        if q <= 0:
+            out[c] = {"threshold": float(cfg.min_class_prob), "n_val": 0, "source": "min_class_prob"}
+        elif len(p) == 0:
             log.warning("filter: the split's val part has no %s image: its class-prob threshold stays "
                         "min_class_prob=%s", c, cfg.min_class_prob)
-            out[c] = float(cfg.min_class_prob)
-            continue
-        q = float(np.quantile(p, cfg.class_prob_quantile))
-        out[c] = min(float(cfg.min_class_prob), q)
-        log.info("filter %s: q%g of P(%s) on %d real val images = %.4f -> threshold %.4f", c,
-                 cfg.class_prob_quantile, c, len(p), q, out[c])
+            out[c] = {"threshold": float(cfg.min_class_prob), "n_val": 0,
+                      "source": "min_class_prob (no val image of the class)"}
+        else:
+            v = float(np.quantile(p, q))
+            out[c] = {"threshold": min(float(cfg.min_class_prob), v), "n_val": int(len(p)),
+                      "source": "val quantile" if v < cfg.min_class_prob else
+                      "min_class_prob (val quantile is not below it)"}
+            log.info("filter %s: q%g of P(%s) on %d real val images = %.4f -> threshold %.4f", c, q, c, len(p), v,
+                     out[c]["threshold"])
     return out
-
-
-def _threshold_source(cfg: FilterConfig, threshold: float, n_val: int) -> str:
-    """How check (b)'s threshold of one class was obtained, for filter.json."""
-    if cfg.class_prob_quantile <= 0:
-        return "min_class_prob"
-    if n_val == 0:
-        return "min_class_prob (no val image of the class)"
-    return "val quantile" if threshold < cfg.min_class_prob else "min_class_prob (val quantile is not below it)"
 
 
 def run_filter(samples: str | Path, split: str | Path, cfg: FilterConfig | None = None, out: str | Path | None = None,
@@ -138,24 +135,26 @@ def run_filter(samples: str | Path, split: str | Path, cfg: FilterConfig | None 
             checks["realism"] = f"inside the class's real train k-NN manifold, k={cfg.realism_k}"
 
         run = classifier or cfg.classifier
-        probs = class_probs(run, syn_img, syn["label"])
+        classes = list(dict.fromkeys(syn["label"]))
+        val = sp.part("val").iloc[:0]
+        if cfg.class_prob_quantile > 0:  # calibration images: real val images of the filtered classes (never test)
+            val = sp.part("val")
+            val = val[val["label"].isin(classes)]
+        # one pass of the reference classifier over the synthetic and the val images (one model load)
+        images = np.concatenate([syn_img, load_images(val, size)]) if len(val) else syn_img
+        probs = class_probs(run, images, pd.concat([syn["label"], val["label"]]))
         thresholds: dict[str, dict] | None = None
         if probs is not None:
-            classes = list(dict.fromkeys(syn["label"]))
-            thr, n_val = {c: float(cfg.min_class_prob) for c in classes}, {}
-            how = f"{cfg.min_class_prob}"
-            if cfg.class_prob_quantile > 0:
-                val = sp.part("val")
-                val = val[val["label"].isin(classes)]  # only the classes being filtered are scored
-                thr = class_thresholds(run, load_images(val, size), val["label"], classes, cfg)
-                n_val = val["label"].value_counts().to_dict()
-                how = (f"min(min_class_prob={cfg.min_class_prob}, q{cfg.class_prob_quantile} of P(class) on the "
-                       f"split's real val images of that class)")
-            thresholds = {c: {"threshold": t, "n_val": int(n_val.get(c, 0)),
-                              "source": _threshold_source(cfg, t, int(n_val.get(c, 0)))} for c, t in thr.items()}
+            probs, val_p = probs[:len(syn)], probs[len(syn):]
+            thresholds = class_thresholds(val_p, val["label"], classes, cfg)
+            thr = {c: t["threshold"] for c, t in thresholds.items()}
             table["class_prob"] = probs
             for i in np.flatnonzero(probs < syn["label"].map(thr).to_numpy()):
                 reasons[i].append("low_class_prob")
+            how = f"{cfg.min_class_prob}"
+            if cfg.class_prob_quantile > 0:
+                how = (f"min(min_class_prob={cfg.min_class_prob}, q{cfg.class_prob_quantile} of P(class) on the "
+                       f"split's real val images of that class)")
             checks["class_prob"] = f"P(intended class) >= {how} by {run}"
             if cfg.class_prob_quantile > 0:
                 checks["class_prob"] += ": " + ", ".join(f"{c} {t:.4g}" for c, t in thr.items())
