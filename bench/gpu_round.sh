@@ -6,6 +6,7 @@
 #   SMOKE=1 OUT=/tmp/round bash bench/gpu_round.sh 1200     # CPU check of the script at tiny sizes
 #   SKIP_STUDY=1 ... / SKIP_BENCHES=1 ...                     # only the benchmarks / only the 3-seed study
 #   SD_ARGS="--skip-train" ...                                # extra arguments of bench/bench_sd15.py
+#   BENCHES="sampling sd15" ...                               # a subset of: sampling randaugment gen_train sd15 datapath
 #
 # Needs data/ham10000-compact.tar.gz (bench/pack_ham10000.py). Order: the study with seed 0 (a complete report
 # early), the benchmarks, then the study again with all three seeds (it resumes: seed 0 is not redone). Every step
@@ -68,11 +69,15 @@ fi
 if [[ ${SKIP_STUDY:-0} != 1 && ${SKIP_BENCHES:-0} != 1 ]]; then  # a complete one-seed report before the benchmarks
     step study_seed0 330 $PY "${STUDY[@]}" --set "seeds=[0]"
 fi
+BENCHES=" ${BENCHES:-sampling randaugment gen_train sd15 datapath} "
+want() { [[ $BENCHES == *" $1 "* ]]; }
 if [[ ${SKIP_BENCHES:-0} != 1 ]]; then
-    step bench_sampling 75 $PY bench/bench_sampling.py "${SAMPLING[@]}" --out "$LOGS/bench_sampling.json"
-    step bench_randaugment 45 $PY bench/bench_randaugment.py "${RANDAUG[@]}"
-    step bench_gen_train 60 $PY bench/bench_gen_train.py "${GENTRAIN[@]}" --out "$LOGS/bench_gen_train.json"
-    step bench_sd15 180 $PY bench/bench_sd15.py "${SD[@]}" --out "$LOGS/bench_sd15.json"
+    want sampling && step bench_sampling 75 $PY bench/bench_sampling.py "${SAMPLING[@]}" --out "$LOGS/bench_sampling.json"
+    want randaugment && step bench_randaugment 45 $PY bench/bench_randaugment.py "${RANDAUG[@]}"
+    want gen_train && step bench_gen_train 60 $PY bench/bench_gen_train.py "${GENTRAIN[@]}" --out "$LOGS/bench_gen_train.json"
+    want sd15 && step bench_sd15 180 $PY bench/bench_sd15.py "${SD[@]}" --out "$LOGS/bench_sd15.json"
+fi
+if [[ ${SKIP_BENCHES:-0} != 1 ]] && want datapath; then
     # needs a split: the study's, or one made here from the archive
     if [[ ! -f $W/study/split/split.json ]]; then
         step data_prepare 60 $PY -m dermsynth data prepare --source ham10000 --root "$W/ham10000-compact" --out "$W/study/data"

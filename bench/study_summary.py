@@ -2,8 +2,10 @@
 
     python bench/study_summary.py <study folder>
 
-Reads only what the study wrote: timings.json, filter/filter.json, quality/*/quality.json, aggregate/*.csv|json.
-Test-part numbers are reported; the best baseline was chosen on validation by the study itself.
+Reads only what the study wrote: timings.json, filter/filter.json, quality/*/quality.json, aggregate/*.csv|json,
+and each classifier's predictions.csv, from which it rescores how well the rare classes are *ranked* (one-vs-rest
+AUC, threshold-free; studies made before minority AUC was in metrics.json get it too). Test-part numbers are
+reported; the best baseline and the primary were chosen on validation by the study itself.
 """
 from __future__ import annotations
 
@@ -13,7 +15,12 @@ from pathlib import Path
 
 import pandas as pd
 
-METRICS = ("macro_f1", "minority_f1", "balanced_accuracy", "accuracy")
+from dermsynth.data.labels import CLASSES
+from dermsynth.experiments.stats import lesion_bootstrap_diff
+from dermsynth.metrics.classification import classification_metrics
+from dermsynth.paths import RunPaths, StudyPaths
+
+METRICS = ("macro_f1", "minority_f1", "balanced_accuracy", "accuracy", "minority_auc")
 
 
 def _json(p: Path) -> dict | None:
@@ -66,7 +73,35 @@ def summary(study: Path) -> str:
             lines.append(f"{r['condition']} - {r['reference']} {r['metric']:18s} {r['diff']:+.3f} "
                          f"(seeds CI [{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]; lesion bootstrap "
                          f"[{r['boot_lo']:+.3f}, {r['boot_hi']:+.3f}])")
+        if a.get("primary_val_macro_f1"):
+            lines.append(f"primary chosen on val: {a['primary']} (val macro-F1 "
+                         + ", ".join(f"{c} {v:.3f}" for c, v in a["primary_val_macro_f1"].items()) + ")")
+        lines += ranking(study, a)
     return "\n".join(lines)
+
+
+def ranking(study: Path, info: dict, n_boot: int = 1000) -> list[str]:
+    """Rare-class one-vs-rest AUC per condition from predictions.csv, and the primary minus every other condition."""
+    rare = info.get("rare_classes", ["df", "vasc", "mel"])
+    preds: dict[str, list[pd.DataFrame]] = {}
+    for cond, seeds in info.get("seeds", {}).items():  # runs are found in this folder (it may have been moved)
+        files = [RunPaths(StudyPaths(study).classifier(cond, s)).predictions for s in sorted(seeds)]
+        if files and all(f.is_file() for f in files):
+            preds[cond] = [pd.read_csv(f, dtype={"image_id": str, "group_id": str}) for f in files]
+    if not preds:
+        return []
+    lines = ["rare-class ranking on test (one-vs-rest AUC, mean over seeds; threshold-free):"]
+    for cond, ps in preds.items():
+        ms = [classification_metrics(p["label"], p[[f"prob_{c}" for c in CLASSES]].to_numpy(), p["group_id"],
+                                     rare=rare, n_boot=0) for p in ps]
+        per = "  ".join(f"{c} {sum(m['per_class'][c]['auc'] or 0 for m in ms) / len(ms):.3f}" for c in rare)
+        lines.append(f"  {cond:20s} minority AUC {sum(m['minority_auc'] for m in ms) / len(ms):.3f}  ({per})")
+    primary = info.get("primary")
+    for other in (c for c in preds if c != primary and primary in preds and len(preds[c]) == len(preds[primary])):
+        d = lesion_bootstrap_diff(preds[primary], preds[other], rare=rare, n_boot=n_boot)["minority_auc"]
+        lines.append(f"  {primary} - {other}: minority AUC {d['diff']:+.3f} (lesion bootstrap "
+                     f"[{d['lo']:+.3f}, {d['hi']:+.3f}])")
+    return lines
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import f1_score
+from sklearn.metrics import f1_score, roc_auc_score
 
 from dermsynth.data.labels import CLASSES
 from dermsynth.experiments.aggregate import aggregate, criteria_table, find_fid, load_aggregate, summarise
@@ -56,7 +56,7 @@ def make_fake_study(root: Path, with_predictions: bool = True) -> dict[str, dict
                          for i, c in enumerate(CLASSES)}
             conf = np.eye(len(CLASSES)) * acc + (1 - acc) / len(CLASSES)
             test = {"accuracy": acc, "balanced_accuracy": acc - 0.1, "macro_f1": f1, "minority_f1": mino,
-                    "auc_macro_ovr": 0.9, "per_class": per_class, "confusion_norm": conf.tolist(),
+                    "auc_macro_ovr": 0.9, "minority_auc": mino + 0.3, "per_class": per_class, "confusion_norm": conf.tolist(),
                     "confusion": (conf * 10).round().tolist()}
             val = {"accuracy": acc, "balanced_accuracy": acc - 0.1, "macro_f1": val_f1, "minority_f1": mino,
                    "per_class": per_class}
@@ -142,6 +142,11 @@ def test_bootstrap_observed_difference_equals_sklearn_difference_averaged_over_s
     assert r["macro_f1"]["diff"] == pytest.approx(expected)
     assert r["macro_f1"]["lo"] <= expected <= r["macro_f1"]["hi"]
 
+    def rare_auc(p):
+        return np.mean([roc_auc_score(p["label"] == c, p[f"prob_{c}"]) for c in ("df", "vasc", "mel")])
+
+    assert r["minority_auc"]["diff"] == pytest.approx(np.mean([rare_auc(a) - rare_auc(b) for a, b in zip(pa, pb)]))
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The aggregate stage on a fake study
@@ -182,6 +187,28 @@ def test_aggregate_tables_best_baseline_by_validation_and_criteria(tmp_path):
 
     conf = np.asarray(agg["info"]["confusion_norm"]["hybrid"])
     assert conf.shape == (7, 7) and conf[0, 0] == pytest.approx(0.85 + 0.15 / 7)
+
+
+def test_primary_from_is_chosen_on_validation_and_the_criteria_follow_it(tmp_path):
+    runs = make_fake_study(tmp_path, with_predictions=False)
+    # oversampling has the better TEST macro-F1 (0.66 vs 0.56), real_only the better VALIDATION one (0.51 vs 0.49)
+    aggregate(tmp_path, runs, baselines=["focal"], primary="hybrid", primary_from=["oversampling", "real_only"])
+    agg = load_aggregate(tmp_path)
+    assert agg["info"]["primary"] == "real_only" and "validation" in agg["info"]["primary_rule"]
+    assert agg["info"]["primary_val_macro_f1"] == pytest.approx({"oversampling": 0.49, "real_only": 0.51})
+    crit = agg["criteria"].set_index("metric")
+    assert crit.loc["macro_f1", "condition"] == "real_only" and crit.loc["macro_f1", "measured"] == pytest.approx(0.56)
+
+
+def test_filter_twins_pair_recipes_that_differ_only_in_the_filter():
+    from dermsynth.experiments.config import Condition, filter_twins
+
+    conds = [Condition(name="focal", loss="focal"),
+             Condition(name="hybrid", loss="focal", synthetic="filtered", ratio=1.0),
+             Condition(name="hybrid_r2", loss="focal", synthetic="filtered", ratio=2.0),
+             Condition(name="hybrid_ra", randaugment=True, synthetic="filtered", ratio=1.0),
+             Condition(name="hybrid_unfiltered", loss="focal", synthetic="unfiltered", ratio=1.0)]
+    assert filter_twins(conds) == {"hybrid": "hybrid_unfiltered"}
 
 
 def test_aggregate_without_predictions_still_gives_seed_statistics(tmp_path):

@@ -116,6 +116,11 @@ def test_run_writes_outputs_with_provenance(toy_split, tmp_path):
     assert list(preds.columns[:4]) == ["image_id", "group_id", "label", "source"]
     probs = preds[[f"prob_{c}" for c in CLASSES]].to_numpy()
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    # validation probabilities are kept too, and agree with the validation metrics of the best epoch
+    val = pd.read_csv(run / "val_predictions.csv")
+    assert val["image_id"].tolist() == split.parts["val"]
+    val_pred = np.asarray(CLASSES)[val[[f"prob_{c}" for c in CLASSES]].to_numpy().argmax(1)]
+    assert (val_pred == val["label"]).mean() == pytest.approx(m["val"]["accuracy"])
 
     # predict_images reproduces the best epoch's test probabilities from the run folder alone
     test_df = split.part("test")

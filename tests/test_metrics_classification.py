@@ -34,9 +34,12 @@ def test_point_metrics_match_sklearn():
     assert m["auc_macro_ovr"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
     prec, rec, f1, sup = precision_recall_fscore_support(y, pred, labels=range(K), zero_division=0)
     for i, c in enumerate(CLASSES):
-        assert m["per_class"][c] == pytest.approx({"precision": prec[i], "recall": rec[i], "f1": f1[i], "support": sup[i]})
+        auc = roc_auc_score(y == i, probs[:, i])
+        assert m["per_class"][c] == pytest.approx({"precision": prec[i], "recall": rec[i], "f1": f1[i], "auc": auc,
+                                                   "support": sup[i]})
     rare = [CLASSES.index(c) for c in ("df", "vasc", "mel")]
     assert m["minority_f1"] == pytest.approx(np.mean(f1[rare]))
+    assert m["minority_auc"] == pytest.approx(np.mean([roc_auc_score(y == i, probs[:, i]) for i in rare]))
     cm = confusion_matrix(y, pred, labels=range(K))
     assert m["confusion"] == cm.tolist()
     assert np.allclose(m["confusion_norm"], cm / cm.sum(1, keepdims=True))
@@ -62,7 +65,8 @@ def test_absent_classes():
     assert m["auc_macro_ovr"] == pytest.approx(np.mean([roc_auc_score(y == c, probs[:, c]) for c in present]))
     assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0))
     assert m["minority_f1"] == pytest.approx(f1_score(y == mel_i, pred == mel_i))
-    assert m["per_class"]["df"]["support"] == 0
+    assert m["minority_auc"] == pytest.approx(roc_auc_score(y == mel_i, probs[:, mel_i]))  # df, vasc have no AUC
+    assert m["per_class"]["df"]["support"] == 0 and m["per_class"]["df"]["auc"] is None
     assert np.allclose(np.array(m["confusion_norm"])[df_i], 0)
 
 
@@ -96,7 +100,7 @@ def test_bootstrap_resamples_groups_not_images():
     grouped = classification_metrics(y4, p4, groups=g4, n_boot=300, seed=7)
     naive = classification_metrics(y4, p4, groups=None, n_boot=300, seed=7)
     assert grouped["n_groups"] == 120 and grouped["n"] == 480
-    for k in ("accuracy", "macro_f1", "balanced_accuracy", "auc_macro_ovr"):
+    for k in ("accuracy", "macro_f1", "balanced_accuracy", "auc_macro_ovr", "minority_auc"):
         assert grouped["ci"][k] == pytest.approx(single["ci"][k])
         lo, hi = grouped["ci"][k]
         assert lo <= grouped[k] <= hi

@@ -89,6 +89,12 @@ def test_every_stage_ran_and_the_report_was_built(finished):
     assert (test_f1["n"] == 2).all()
     info = json.loads((paths.aggregate / "aggregate.json").read_text())
     assert info["best_baseline"] == "real" and info["ratios"] == {"real": 0.0, "hybrid": 1.0, "hybrid_r2": 2.0}
+    # the primary is the primary_from candidate with the best mean VALIDATION macro-F1, read back from table.csv
+    val_f1 = table[(table["part"] == "val") & (table["metric"] == "macro_f1")].set_index("condition")["mean"]
+    assert info["primary_val_macro_f1"] == pytest.approx({c: val_f1[c] for c in ("hybrid", "hybrid_r2")})
+    assert info["primary"] == max(("hybrid", "hybrid_r2"), key=lambda c: (val_f1[c], c == "hybrid"))
+    # what the filter buys is read only between recipes that differ in the filter alone (not hybrid_r2)
+    assert info["filter_twins"] == {"hybrid": "hybrid_unfiltered"}
 
     timings = json.loads(paths.timings.read_text())
     assert {"data", "split", "generator", "samples", "reference classifier", "filter", "quality",
@@ -172,8 +178,13 @@ def test_config_validation_names_the_problem():
         validate(tiny("baselines=[hybrid]"))
     with pytest.raises(ConfigError, match="primary"):
         validate(tiny("primary=nope"))
+    with pytest.raises(ConfigError, match="primary_from: 'real' uses no synthetic"):
+        validate(tiny("primary_from=[hybrid, real]"))
+    with pytest.raises(ConfigError, match="primary_from: 'hybrid_r5' is not a condition"):
+        validate(tiny("primary_from=[hybrid_r5]"))
     with pytest.raises(ConfigError, match="condition 'real'.*unknown"):
-        validate(tiny("conditions=[{name: real, set: {train.nope: 1}}]", "sweep.ratios=[]", "primary=real"))
+        validate(tiny("conditions=[{name: real, set: {train.nope: 1}}]", "sweep.ratios=[]", "primary=real",
+                      "primary_from=[]"))
     conds, ratios = expand_conditions(load_config(StudyConfig, REPO / "configs" / "ham10000.yaml"))
     assert [c.name for c in conds][-4:] == ["hybrid_r0.25", "hybrid_r0.5", "hybrid_r2", "hybrid_r5"]
     assert ratios == {"focal": 0.0, "hybrid_r0.25": 0.25, "hybrid_r0.5": 0.5, "hybrid": 1.0, "hybrid_r2": 2.0,
@@ -203,3 +214,5 @@ def test_the_summary_script_reads_a_finished_study(finished):
     text = mod.summary(finished)
     assert "elapsed per stage" in text and "filter kept" in text and "test metrics" in text
     assert "hybrid - " in text and "real" in text
+    assert "primary chosen on val" in text and "rare-class ranking" in text
+    assert text.count("minority AUC") >= 5  # one line per condition (4) and the primary minus the others

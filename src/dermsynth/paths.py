@@ -4,7 +4,7 @@ A *run* is one stage's output folder (a classifier, a generator, a samples folde
 
     <run>/config.yaml   resolved config          <run>/log.txt        log
     <run>/summary.csv   one row per epoch/eval   <run>/metrics.json   final metrics
-    <run>/checkpoints/  atomic, rotated          <run>/predictions.csv
+    <run>/checkpoints/  atomic, rotated          <run>/predictions.csv (test), <run>/val_predictions.csv
 
 A *study* is a folder of runs laid out by :class:`StudyPaths`. Nothing else in the package builds these names.
 """
@@ -49,6 +49,11 @@ class RunPaths:
     @property
     def predictions(self) -> Path:
         return self.root / "predictions.csv"
+
+    @property
+    def val_predictions(self) -> Path:
+        """A classifier's class probabilities on the validation part (for decisions that may only look at val)."""
+        return self.root / "val_predictions.csv"
 
     @property
     def checkpoints(self) -> Path:

@@ -393,6 +393,7 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
         "config_hash": config_hash(cfg),
     }
     atomic_write_csv(paths.predictions, _predictions(data.test, probs["test"]))
+    atomic_write_csv(paths.val_predictions, _predictions(data.val, probs["val"]))
     for name, p in extra_probs.items():
         atomic_write_csv(paths.extra_predictions(name), _predictions(data.extra[name], p))
     atomic_write_json(paths.metrics, metrics)

@@ -27,7 +27,7 @@ from dermsynth.experiments.stats import BOOT_METRICS, lesion_bootstrap_diff, mea
 from dermsynth.io import DataError, atomic_write_csv, atomic_write_json
 from dermsynth.paths import RunPaths, StudyPaths
 
-HEADLINE = ("macro_f1", "minority_f1", "balanced_accuracy", "accuracy", "auc_macro_ovr")
+HEADLINE = ("macro_f1", "minority_f1", "balanced_accuracy", "accuracy", "auc_macro_ovr", "minority_auc")
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,10 @@ def _read_metrics(run: Path) -> dict:
 
 
 def _flatten(part: Mapping[str, Any]) -> dict[str, float]:
-    """Scalar metrics of one part plus per-class F1 / recall as ``f1_<class>``, ``recall_<class>``."""
+    """Scalar metrics of one part plus per-class scores as ``f1_<class>``, ``recall_<class>``, ``auc_<class>``..."""
     out = {k: float(v) for k, v in part.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for c, pc in (part.get("per_class") or {}).items():
-        for m in ("f1", "recall", "precision"):
+        for m in ("f1", "recall", "precision", "auc"):
             if m in pc and pc[m] is not None:
                 out[f"{m}_{c}"] = float(pc[m])
     return out
@@ -94,13 +94,18 @@ def summarise(long: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["condition", "part", "metric", "n", "mean", "std", "ci_lo", "ci_hi"])
 
 
-def pick_best_baseline(table: pd.DataFrame, baselines: Sequence[str]) -> tuple[str, dict[str, float]]:
-    """The baseline with the highest mean VALIDATION macro-F1 (never test); ties go to the first listed."""
+def pick_on_validation(table: pd.DataFrame, candidates: Sequence[str], role: str = "baseline"
+                       ) -> tuple[str, dict[str, float]]:
+    """The candidate with the highest mean VALIDATION macro-F1 (never test); ties go to the first listed.
+
+    Used for the best baseline and, when ``primary_from`` is set, for the primary condition: whatever the study
+    chooses, it chooses on the validation part, so the test part can still judge the choice.
+    """
     val = table[(table["part"] == "val") & (table["metric"] == "macro_f1")].set_index("condition")["mean"]
-    scores = {b: float(val[b]) for b in baselines if b in val.index and not math.isnan(val[b])}
+    scores = {b: float(val[b]) for b in candidates if b in val.index and not math.isnan(val[b])}
     if not scores:
-        raise DataError(f"no baseline among {list(baselines)} has a validation macro-F1; cannot pick the reference")
-    best = max(scores, key=lambda b: (scores[b], -list(baselines).index(b)))
+        raise DataError(f"no {role} among {list(candidates)} has a validation macro-F1; cannot pick the {role}")
+    best = max(scores, key=lambda b: (scores[b], -list(candidates).index(b)))
     return best, scores
 
 
@@ -227,20 +232,27 @@ def mean_confusions(runs: Mapping[str, Mapping[int, Path]]) -> dict[str, list[li
 def aggregate(study: str | Path, runs: Mapping[str, Mapping[int, Path]], baselines: Sequence[str], primary: str,
               rare: Sequence[str] = ("df", "vasc", "mel"), ratios: Mapping[str, float] | None = None,
               quality: Mapping[str, Any] | None = None, n_boot: int = 1000, seed: int = 0,
-              synthetic: Mapping[str, str] | None = None) -> Path:
+              synthetic: Mapping[str, str] | None = None, primary_from: Sequence[str] = (),
+              twins: Mapping[str, str] | None = None) -> Path:
     """Write the aggregate tables of a study (see module docstring); returns ``<study>/aggregate``.
 
     ``runs``: condition -> seed -> classifier run folder; ``baselines``: the real-only conditions the best baseline is
-    chosen from (by validation macro-F1); ``primary``: the condition the criteria are measured on; ``ratios``: the
+    chosen from (by validation macro-F1); ``primary``: the condition the criteria are measured on, unless
+    ``primary_from`` lists candidates, in which case the primary is the one of them with the best validation
+    macro-F1 (e.g. synthetic images added to each cheap baseline's recipe); ``ratios``: the
     sweep's condition -> synthetic:real ratio; ``quality``: the raw samples' quality.json (for the FID criterion);
-    ``synthetic``: condition -> the synthetic set it used, recorded for the report.
+    ``synthetic``: condition -> the synthetic set it used, and ``twins``: filtered condition -> the same recipe on
+    unfiltered images, both recorded for the report.
     """
     out = StudyPaths(study).aggregate
     long = collect_runs(runs)
     if long.empty:
         raise DataError(f"{study}: no finished classifier runs to aggregate")
     table = summarise(long)
-    best, val_scores = pick_best_baseline(table, baselines)
+    best, val_scores = pick_on_validation(table, baselines)
+    primary_scores: dict[str, float] = {}
+    if primary_from:
+        primary, primary_scores = pick_on_validation(table, primary_from, role="primary")
     comparisons = compare(long, runs, best, rare, n_boot=n_boot, seed=seed)
     criteria = criteria_table(table, primary, quality)
     atomic_write_csv(out / "runs.csv", long)
@@ -252,6 +264,10 @@ def aggregate(study: str | Path, runs: Mapping[str, Mapping[int, Path]], baselin
         "seeds": {c: sorted(int(s) for s in by_seed) for c, by_seed in runs.items()},
         "runs": {c: {str(s): str(p) for s, p in by_seed.items()} for c, by_seed in runs.items()},
         "primary": primary,
+        "primary_from": list(primary_from),
+        "primary_rule": ("highest mean validation macro-F1 among primary_from (test never used to choose)"
+                         if primary_from else "fixed by the study config"),
+        "primary_val_macro_f1": primary_scores,
         "baselines": list(baselines),
         "best_baseline": best,
         "best_baseline_rule": "highest mean validation macro-F1 among the baselines (test never used to choose)",
@@ -259,6 +275,7 @@ def aggregate(study: str | Path, runs: Mapping[str, Mapping[int, Path]], baselin
         "rare_classes": list(rare),
         "ratios": dict(ratios or {}),
         "synthetic": dict(synthetic or {}),  # condition -> which synthetic set it trained on (none/filtered/unfiltered)
+        "filter_twins": dict(twins or {}),  # filtered condition -> its unfiltered twin (what the filter buys)
         "n_boot": n_boot,
         "confusion_norm": mean_confusions(runs),
         "train_counts": {c: _read_metrics(Path(by_seed[min(by_seed)])).get("train_counts", {})
@@ -278,5 +295,5 @@ def load_aggregate(study: str | Path) -> dict[str, Any]:
             "table": read("table.csv"), "comparisons": read("comparisons.csv"), "criteria": read("criteria.csv")}
 
 
-__all__ = ["aggregate", "load_aggregate", "collect_runs", "summarise", "pick_best_baseline", "compare",
+__all__ = ["aggregate", "load_aggregate", "collect_runs", "summarise", "pick_on_validation", "compare",
            "criteria_table", "find_fid", "SEED_CRITERIA", "Criterion", "BOOT_METRICS"]

@@ -107,6 +107,10 @@ class StudyConfig:
     baselines: list[str] = field(default_factory=lambda: ["real_resnet50", "real_effnet", "oversampling",
                                                           "randaugment", "focal"])
     primary: str = "hybrid"  # the condition the success criteria are measured on
+    # candidates for the primary (synthetic conditions): when set, the one with the best mean VALIDATION macro-F1
+    # becomes the primary, so synthetic images can be tried on top of each cheap baseline's recipe without looking
+    # at test; empty = ``primary`` as written
+    primary_from: list[str] = field(default_factory=list)
     n_boot: int = 1000  # lesion-level bootstrap replicates for the paired comparisons
     report: bool = True  # build the HTML/Markdown report at the end
     # processes that train classifiers (and the generator beside the reference classifier) at the same time: 1 on
@@ -153,6 +157,14 @@ def expand_conditions(cfg: StudyConfig) -> tuple[list[Condition], dict[str, floa
                 names.append(name)
             ratios[name] = float(r)
     return conds, ratios
+
+
+def filter_twins(conds: list[Condition]) -> dict[str, str]:
+    """filtered condition -> its unfiltered twin: the same recipe (every field but the name) on the unfiltered set."""
+    def recipe(c: Condition) -> dict:
+        return {k: v for k, v in dataclasses.asdict(c).items() if k not in ("name", "synthetic")}
+    return {f.name: u.name for f in conds if f.synthetic == "filtered"
+            for u in conds if u.synthetic == "unfiltered" and recipe(u) == recipe(f)}
 
 
 def condition_config(cfg: StudyConfig, cond: Condition) -> ClfConfig:
@@ -210,10 +222,16 @@ def validate(cfg: StudyConfig) -> tuple[list[Condition], dict[str, float]]:
     if unknown:
         raise ConfigError(f"quality_on: unknown set(s) {unknown}; use 'samples' and/or 'filtered'")
     conds, ratios = expand_conditions(cfg)
+    by_name = {c.name: c for c in conds}
+    for p in cfg.primary_from:  # sweep copies count: the ratio can be chosen on validation too
+        if p not in by_name:
+            raise ConfigError(f"primary_from: {p!r} is not a condition; conditions: {list(by_name)}")
+        if by_name[p].synthetic == "none":
+            raise ConfigError(f"primary_from: {p!r} uses no synthetic images; the primary is a synthetic recipe")
     for c in conds:
         condition_config(cfg, c)  # every override must name a real classifier key and type-check
     return conds, ratios
 
 
 __all__ = ["StudyConfig", "DataSourceConfig", "GenerationConfig", "Condition", "SweepConfig", "SHORTCUTS",
-           "expand_conditions", "condition_config", "reference_config", "validate"]
+           "expand_conditions", "filter_twins", "condition_config", "reference_config", "validate"]

@@ -29,7 +29,7 @@ from dermsynth.paths import RunPaths, StudyPaths
 NOTICE = ("Research use only, not for diagnosis. Synthetic images in this report are AI-generated and show no real "
           "patient.")
 HEADLINE = [("macro_f1", "macro-F1"), ("minority_f1", "minority F1"), ("balanced_accuracy", "balanced acc."),
-            ("accuracy", "accuracy"), ("auc_macro_ovr", "AUC (OvR)")]
+            ("accuracy", "accuracy"), ("auc_macro_ovr", "AUC (OvR)"), ("minority_auc", "minority AUC")]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -176,12 +176,17 @@ def _answer(doc: Doc, agg: dict) -> None:
     doc.h(2, "The answer")
     vals = ", ".join(f"{b} {_f(v)}" for b, v in info["baseline_val_macro_f1"].items())
     doc.p(f"Best baseline, chosen on the VALIDATION part (never test): {best} (mean validation macro-F1: {vals}).")
+    if info.get("primary_val_macro_f1"):
+        pvals = ", ".join(f"{c} {_f(v)}" for c, v in info["primary_val_macro_f1"].items())
+        doc.p(f"Primary condition, chosen the same way among the synthetic recipes: {primary} (mean validation "
+              f"macro-F1: {pvals}).")
     rows = comp[comp["condition"] == primary] if len(comp) else comp
     if not len(rows):
         doc.missing(f"a comparison of {primary!r} with {best!r} (the primary condition has no finished runs, or is the "
                     f"best baseline itself)")
     for _, r in rows.iterrows():
-        if r["metric"] not in ("macro_f1", "minority_f1", "balanced_accuracy"):
+        # minority AUC beside minority F1: a gain in F1 without one in AUC is a threshold shift, not better ranking
+        if r["metric"] not in ("macro_f1", "minority_f1", "balanced_accuracy", "minority_auc"):
             continue
         boot = (f"; lesion bootstrap 95 % CI [{_signed(r['boot_lo'])}, {_signed(r['boot_hi'])}]"
                 if math.isfinite(r["boot_lo"]) else "")
@@ -231,16 +236,18 @@ def _synthetic_note(doc: Doc, agg: dict) -> None:
         doc.p(f"{primary} trained on {syn} synthetic beside {real} real images of the rare classes ({per})"
               + (": too few to change much; the filter and quality sections show why." if few else "."),
               "answer" if few else "")
-    twins = [c for c, k in kinds.items() if k == "unfiltered"]
-    if kinds.get(primary) == "filtered" and twins and len(runs):
+    # the filter's effect is read only between two conditions that differ in nothing but the filter
+    twins = info.get("filter_twins", {})
+    filtered = primary if primary in twins else next(iter(twins), None)
+    if filtered and len(runs):
         test = runs[runs["part"] == "test"]
         for m, label in (("macro_f1", "macro-F1"), ("minority_f1", "minority F1")):
-            a = test[(test["condition"] == primary) & (test["metric"] == m)].set_index("seed")["value"]
-            b = test[(test["condition"] == twins[0]) & (test["metric"] == m)].set_index("seed")["value"]
+            a = test[(test["condition"] == filtered) & (test["metric"] == m)].set_index("seed")["value"]
+            b = test[(test["condition"] == twins[filtered]) & (test["metric"] == m)].set_index("seed")["value"]
             common = sorted(set(a.index) & set(b.index))
             if len(common) >= 2:
                 r = paired_t(a.loc[common].to_numpy(), b.loc[common].to_numpy())
-                doc.p(f"What the filter buys: {primary} minus {twins[0]}, test {label}: {_signed(r['diff'])} "
+                doc.p(f"What the filter buys: {filtered} minus {twins[filtered]}, test {label}: {_signed(r['diff'])} "
                       f"(95 % t-interval over {len(common)} seeds [{_signed(r['diff_lo'])}, {_signed(r['diff_hi'])}], "
                       f"p = {_f(r['p'])}).")
 

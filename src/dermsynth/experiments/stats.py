@@ -16,10 +16,11 @@ import pandas as pd
 from scipy import stats as sps
 
 from dermsynth.data.labels import CLASSES
-from dermsynth.metrics.classification import scores_from_confusion, weighted_auc_ovr, weighted_confusion
+from dermsynth.metrics.classification import (mean_auc, scores_from_confusion, weighted_auc_per_class,
+                                              weighted_confusion)
 
 # Metrics the bootstrap can recompute from a confusion matrix (the headline metrics of the report).
-BOOT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "minority_f1", "auc_macro_ovr")
+BOOT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "minority_f1", "auc_macro_ovr", "minority_auc")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -71,7 +72,8 @@ def _scores(pred: pd.DataFrame, weights: np.ndarray, rare_idx: Sequence[int]) ->
     """Headline metrics for every weight row, with the classifier stage's own metric code (same conventions)."""
     y, probs = _pred_table(pred)
     out = scores_from_confusion(weighted_confusion(y, probs.argmax(1), weights), rare_idx)
-    out["auc_macro_ovr"] = weighted_auc_ovr(y, probs, weights)
+    aucs = weighted_auc_per_class(y, probs, weights)
+    out["auc_macro_ovr"], out["minority_auc"] = mean_auc(aucs), mean_auc(aucs, rare_idx)
     return out
 
 

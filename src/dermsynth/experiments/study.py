@@ -28,7 +28,7 @@ from dermsynth.data.prepare import prepare
 from dermsynth.data.split import make_split
 from dermsynth.data.toy import make_toy
 from dermsynth.experiments.aggregate import aggregate
-from dermsynth.experiments.config import StudyConfig, condition_config, reference_config, validate
+from dermsynth.experiments.config import StudyConfig, condition_config, filter_twins, reference_config, validate
 from dermsynth.experiments.units import Unit, UnitRunner
 from dermsynth.generate.config import GenConfig
 from dermsynth.generate.sample import generate
@@ -221,9 +221,11 @@ def run_study(cfg: StudyConfig, out: str | Path) -> Path:
         t0 = time.perf_counter()
         q_path = paths.quality / "samples" / "quality.json"
         quality = json.loads(q_path.read_text()) if q_path.is_file() else None
+        conds = validate(cfg)[0]
         result = aggregate(paths.root, runs, cfg.baselines, cfg.primary, rare=parse_classes(cfg.rare_classes),
                            ratios=ratios, quality=quality, n_boot=cfg.n_boot, seed=0,
-                           synthetic={c.name: c.synthetic for c in validate(cfg)[0]})
+                           synthetic={c.name: c.synthetic for c in conds}, primary_from=cfg.primary_from,
+                           twins=filter_twins(conds))
         runner.write_timings({"aggregate": time.perf_counter() - t0})
         if cfg.report:
             from dermsynth.experiments.report import build_report

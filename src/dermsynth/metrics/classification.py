@@ -15,7 +15,7 @@ import numpy as np
 from dermsynth.data.labels import CLASSES, canonical_label, parse_classes
 
 K = len(CLASSES)
-CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "minority_f1", "auc_macro_ovr")
+CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "minority_f1", "auc_macro_ovr", "minority_auc")
 
 
 def _label_indices(y_true: Sequence) -> np.ndarray:
@@ -68,13 +68,13 @@ def scores_from_confusion(cm: np.ndarray, rare_idx: Sequence[int]) -> dict[str, 
     return out
 
 
-def weighted_auc_ovr(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Macro one-vs-rest ROC AUC for each weight row (B,), averaging classes with both positives and negatives.
+def weighted_auc_per_class(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """One-vs-rest ROC AUC of every class for each weight row: (B, K), NaN where a class lacks positives or negatives.
 
     AUC = P(score of a positive > score of a negative) + 0.5 P(tie), with pairs weighted by w_i * w_j (Mann-Whitney).
     Scores are sorted once per class; ties are pooled per distinct score value.
     """
-    aucs, valid = [], []
+    aucs = []
     for c in range(K):
         s = probs[:, c]
         order = np.argsort(s, kind="mergesort")
@@ -88,11 +88,21 @@ def weighted_auc_ovr(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndar
         num = (wp * (below + 0.5 * wn)).sum(1)
         den = wp.sum(1) * wn.sum(1)
         ok = den > 0
-        aucs.append(np.where(ok, num / np.where(ok, den, 1), 0.0))
-        valid.append(ok)
-    aucs_a, valid_a = np.stack(aucs, 1), np.stack(valid, 1)
-    with np.errstate(invalid="ignore"):
-        return np.where(valid_a.sum(1) >= 1, (aucs_a * valid_a).sum(1) / valid_a.sum(1), np.nan)
+        aucs.append(np.where(ok, num / np.where(ok, den, 1), np.nan))
+    return np.stack(aucs, 1)
+
+
+def mean_auc(aucs: np.ndarray, idx: Sequence[int] | None = None) -> np.ndarray:
+    """Mean of (B, K) per-class AUCs over the classes ``idx`` (default all) that have one; NaN where none has."""
+    a = aucs if idx is None else aucs[:, list(idx)]
+    valid = ~np.isnan(a)
+    n = valid.sum(1)
+    return np.where(n > 0, np.where(valid, a, 0.0).sum(1) / np.maximum(n, 1), np.nan)
+
+
+def weighted_auc_ovr(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Macro one-vs-rest ROC AUC for each weight row (B,), averaging classes with both positives and negatives."""
+    return mean_auc(weighted_auc_per_class(y, probs, w))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -112,7 +122,8 @@ def bootstrap_ci(y: np.ndarray, probs: np.ndarray, groups: np.ndarray, rare_idx:
         counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=b).astype(np.float64)
         w = counts[:, gidx]  # each image weighted by how often its lesion was drawn
         sc = scores_from_confusion(weighted_confusion(y, pred, w), rare_idx)
-        sc["auc_macro_ovr"] = weighted_auc_ovr(y, probs, w)
+        aucs = weighted_auc_per_class(y, probs, w)
+        sc["auc_macro_ovr"], sc["minority_auc"] = mean_auc(aucs), mean_auc(aucs, rare_idx)
         for c, name in enumerate(CLASSES):
             sc[f"f1_{name}"] = sc["f1"][:, c]
         for key, val in sc.items():
@@ -135,7 +146,9 @@ def classification_metrics(y_true: Sequence, probs: np.ndarray, groups: Sequence
     ``y_true``: label strings or indices into CLASSES; ``probs``: (N, 7) class probabilities in CLASSES order;
     ``groups``: lesion ids (bootstrap unit; each image its own group when None); ``rare``: the minority set.
     Returns accuracy, balanced_accuracy, macro_f1, minority_f1, per_class, confusion, confusion_norm, auc_macro_ovr,
-    n, n_groups and ci {metric: [lo, hi]} (95 % percentile bootstrap over groups; empty when n_boot is 0).
+    minority_auc, n, n_groups and ci {metric: [lo, hi]} (95 % percentile bootstrap over groups; empty when n_boot
+    is 0). minority_auc (the rare classes' mean one-vs-rest AUC) judges how well rare lesions are *ranked*,
+    whatever the decision threshold: F1 can move with the threshold alone, AUC cannot.
     """
     y = _label_indices(y_true)
     probs = np.asarray(probs, dtype=np.float64)
@@ -160,6 +173,7 @@ def classification_metrics(y_true: Sequence, probs: np.ndarray, groups: Sequence
     rec = np.where(sup > 0, tp / np.maximum(sup, 1), 0.0)
     f1 = sc["f1"][0]
     cm_norm = np.where(sup[:, None] > 0, cm / np.maximum(sup[:, None], 1), 0.0)
+    aucs = weighted_auc_per_class(y, probs, ones)
     out = {
         "n": int(len(y)),
         "n_groups": int(len(np.unique(groups_a))),
@@ -168,9 +182,11 @@ def classification_metrics(y_true: Sequence, probs: np.ndarray, groups: Sequence
         "macro_f1": float(sc["macro_f1"][0]),
         "minority_f1": float(sc["minority_f1"][0]),
         "rare_classes": rare_names,
-        "auc_macro_ovr": float(weighted_auc_ovr(y, probs, ones)[0]),
+        "auc_macro_ovr": float(mean_auc(aucs)[0]),
+        "minority_auc": float(mean_auc(aucs, rare_idx)[0]),
         "per_class": {c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
-                          "support": int(sup[i])} for i, c in enumerate(CLASSES)},
+                          "auc": None if np.isnan(aucs[0, i]) else float(aucs[0, i]), "support": int(sup[i])}
+                      for i, c in enumerate(CLASSES)},
         "confusion": cm.tolist(),
         "confusion_norm": cm_norm.tolist(),
         "classes": list(CLASSES),
