@@ -57,6 +57,7 @@ if [[ $SMOKE == 1 ]]; then  # the same path at toy sizes, on CPU
     SD=(--tiny)
     RANDAUG=(--batch 8 --size 32 --repeats 1)
     DATAPATH=(--size 32 --steps 2 --blocks 1 --batch-size 16)
+    SOFT=16
 else
     # batch 128, one timed repeat: at batch 256 with 3 repeats it did not finish within 60 s on an H200
     SAMPLING=(--size base64 --image-size 64 --batch 128 --repeats 1)
@@ -64,6 +65,7 @@ else
     SD=(--warmup 1 --gen-repeats 2 ${SD_ARGS:-})
     RANDAUG=(--batch 64 --size 128 --repeats 5)
     DATAPATH=(--size 128 --batch-size 64 --steps 30 --blocks 3)
+    SOFT=64
 fi
 
 if [[ ${SKIP_STUDY:-0} != 1 && ${SKIP_BENCHES:-0} != 1 ]]; then  # a complete one-seed report before the benchmarks
@@ -87,6 +89,9 @@ if [[ ${SKIP_BENCHES:-0} != 1 ]] && want datapath; then
 fi
 if [[ ${SKIP_STUDY:-0} != 1 ]]; then
     step study_3seeds 600 $PY "${STUDY[@]}"
+    # do the seed-0 classifiers call soft (upsampled-looking) common lesions rare? (SOFT = the generator's size)
+    step softness 90 $PY bench/softness_shortcut.py --split "$W/study/split/split.json" --soft "$SOFT" \
+        "$W"/study/classifiers/*/seed0 --out "$LOGS/softness.json"
 fi
 
 $PY bench/study_summary.py "$W/study" >"$LOGS/summary.txt" 2>&1
@@ -95,6 +100,6 @@ tar czf "$OUT/results.tgz" -C "$W" logs \
     --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npy' --exclude='*.npz' \
     --exclude='study/samples/images' --exclude='study/samples/*/*.png' --exclude='study/data' study 2>/dev/null
 ls -la "$OUT"
-for f in "$LOGS"/bench_*.log; do echo "== $f"; grep -v -e '%|' -e '^\s*$' "$f" | tail -12; done
+for f in "$LOGS"/bench_*.log "$LOGS"/softness.log; do [[ -f $f ]] || continue; echo "== $f"; grep -v -e '%|' -e '^\s*$' "$f" | tail -12; done
 echo "== steps"; cat "$LOGS/steps.txt"
 echo "== summary"; cat "$LOGS/summary.txt"

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from dermsynth.classify.augment import augment_batch, color_jitter, dihedral, dihedral_views, randaugment, zoom
+from dermsynth.classify.augment import (augment_batch, color_jitter, dihedral, dihedral_views, lowres, randaugment,
+                                       zoom)
 from dermsynth.classify.config import AugmentConfig
 from dermsynth.classify.sampling import epoch_order, oversample_weights, shard_batches
 
@@ -79,6 +80,27 @@ def test_color_jitter_and_zoom():
     assert z.shape == x.shape and not torch.allclose(z, x)
 
 
+def test_lowres_softens_the_drawn_images_like_an_upsampled_small_image():
+    import torch.nn.functional as F
+
+    x = _images(6, 32).float() / 255
+    u = torch.tensor([0.1, 0.9, 0.2, 0.8, 0.3, 0.7])
+    y = lowres(x, 8, u, prob=0.5)
+    drawn = u < 0.5
+    assert torch.equal(y[~drawn], x[~drawn]) and y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+
+    def detail(t: torch.Tensor) -> torch.Tensor:  # mean absolute difference of neighbouring pixels, per image
+        return (t[..., 1:, :] - t[..., :-1, :]).abs().mean((1, 2, 3)) + (t[..., 1:] - t[..., :-1]).abs().mean((1, 2, 3))
+
+    assert (detail(y[drawn]) < 0.5 * detail(x[drawn])).all()
+    # an image that really was made at 8 px and upsampled (as a synthetic one is) keeps its look: softening it again
+    # changes it far less than it changes a sharp image
+    made = F.interpolate(F.interpolate(x, size=(8, 8), mode="area"), size=(32, 32), mode="bicubic").clamp(0, 1)
+    again = lowres(made, 8, torch.zeros(6), prob=1.0)
+    assert (again - made).abs().mean() < 0.25 * (y[drawn] - x[drawn]).abs().mean()
+    assert torch.equal(lowres(x, 32, torch.zeros(6), prob=1.0), x)  # not lower than the image: nothing to do
+
+
 def test_augment_batch_pipeline():
     x = _images(4, 16)
     cfg = AugmentConfig(flips=True, color_jitter=0.1, scale_min=0.8, randaugment=True)
@@ -89,6 +111,11 @@ def test_augment_batch_pipeline():
     assert a.dtype == torch.float32 and a.shape == (4, 3, 16, 16) and torch.equal(a, b)
     off = AugmentConfig(flips=False, color_jitter=0.0, scale_min=1.0, randaugment=False)
     assert torch.equal(augment_batch(x, off, torch.Generator()), x.float() / 255)
+    # lowres draws its own numbers after the others: turning it on leaves the other draws of a step as they were
+    soft = AugmentConfig(flips=True, color_jitter=0.1, lowres_size=8, lowres_prob=0.0)
+    plain = AugmentConfig(flips=True, color_jitter=0.1)
+    assert torch.equal(augment_batch(x, soft, torch.Generator().manual_seed(3)),
+                       augment_batch(x, plain, torch.Generator().manual_seed(3)))
 
 
 def test_batched_randaugment_is_one_torchvision_draw_per_image():

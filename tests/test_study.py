@@ -216,3 +216,32 @@ def test_the_summary_script_reads_a_finished_study(finished):
     assert "hybrid - " in text and "real" in text
     assert "primary chosen on val" in text and "rare-class ranking" in text
     assert text.count("minority AUC") >= 5  # one line per condition (4) and the primary minus the others
+
+
+def test_the_softness_shortcut_check_scores_sharp_and_soft_test_images(finished):
+    """bench/softness_shortcut.py on the tiny study's runs: soft images differ; 'soft' at full size changes nothing."""
+    import importlib.util
+
+    import numpy as np
+
+    from dermsynth.data.cache import build_cache
+    from dermsynth.data.labels import CLASSES
+    from dermsynth.data.split import load_split
+
+    spec = importlib.util.spec_from_file_location("softness_shortcut", REPO / "bench" / "softness_shortcut.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    paths = StudyPaths(finished)
+    split = load_split(paths.split)
+    test = split.part("test")
+    sharp = build_cache(split.manifest, 16).take(test["image_id"])
+    labels = np.array([CLASSES.index(c) for c in test["label"]])
+    soft = mod.soften(sharp, 8)
+    assert soft.shape == sharp.shape and soft.dtype == np.uint8 and not np.array_equal(soft, sharp)
+    assert np.array_equal(mod.soften(sharp, 16), sharp)
+    run = paths.classifier("hybrid", 0)
+    r = mod.shortcut(run, labels, sharp, soft, ["df", "vasc", "mel"])
+    for part in ("sharp", "soft"):
+        assert 0 <= r[part]["common_called_rare"] <= 1 and 0 <= r[part]["common_mean_p_rare"] <= 1
+    same = mod.shortcut(run, labels, sharp, sharp, ["df", "vasc", "mel"])
+    assert same["sharp"] == same["soft"]

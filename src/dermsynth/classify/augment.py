@@ -2,7 +2,8 @@
 
 Input is a uint8 NCHW batch straight from the cache; output is a float batch in [0, 1]. Each image draws its own
 parameters: a random element of the dihedral group (flips and 90-degree rotations: dermoscopy has no "up"), an
-optional zoom-in crop, and brightness / contrast / saturation factors. RandAugment (torchvision v2) is the one
+optional zoom-in crop, brightness / contrast / saturation factors, and optionally a resampling to a lower resolution
+and back (so that softness does not single out upsampled synthetic images). RandAugment (torchvision v2) is the one
 per-image loop, because its op choice is per call; it stays on tensors.
 
 Random parameters come from a CPU ``torch.Generator`` that the training loop seeds per step, so a resumed run draws the
@@ -53,6 +54,19 @@ def color_jitter(x: torch.Tensor, strength: float, u: torch.Tensor) -> torch.Ten
     gray = (x * luma).sum(1, keepdim=True)
     x = (x - gray) * f[:, 2] + gray
     return x.clamp_(0, 1)
+
+
+def lowres(x: torch.Tensor, size: int, u: torch.Tensor, prob: float) -> torch.Tensor:
+    """Per image with probability ``prob`` (``u``: (B,) uniform numbers): resample down to ``size`` px (bicubic,
+    antialiased) and back up (bicubic), as an image made at ``size`` px and resized to x's size would look."""
+    sel = (u < prob).nonzero().squeeze(1)
+    if len(sel) == 0 or size >= x.shape[-1]:
+        return x
+    h, w = x.shape[-2:]
+    small = F.interpolate(x[sel], size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    x = x.clone()
+    x[sel] = F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False).clamp_(0, 1)
+    return x
 
 
 def randaugment_per_image(x: torch.Tensor, ops: int, magnitude: int) -> torch.Tensor:
@@ -109,6 +123,8 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
     if cfg.flips:
         x = dihedral(x, u[:, 0:3])
     x = x.float().div_(255)
+    if cfg.lowres_size > 0:  # drawn only when on, so runs without it keep their random stream
+        x = lowres(x, cfg.lowres_size, to_device(torch.rand(x.shape[0], generator=gen), x.device), cfg.lowres_prob)
     if cfg.scale_min < 1.0:
         x = zoom(x, cfg.scale_min, u[:, 3:6])
     if cfg.color_jitter > 0:

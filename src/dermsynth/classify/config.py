@@ -42,6 +42,12 @@ class AugmentConfig:
     randaugment: bool = False  # torchvision v2 RandAugment on top (the "RandAugment" baseline)
     randaugment_ops: int = 2
     randaugment_magnitude: int = 9
+    # Resolution matching: with probability lowres_prob an image is resampled down to lowres_size px and back up.
+    # Why: synthetic images made at 64 px and upsampled for a 128 px classifier are softer than real photos, and
+    # only the rare classes have them, so sharpness alone could tell the classifier "rare". Softening a share of all
+    # images removes that shortcut. 0 = off.
+    lowres_size: int = 0
+    lowres_prob: float = 0.5
 
 
 @dataclass
