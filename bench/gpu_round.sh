@@ -100,6 +100,6 @@ tar czf "$OUT/results.tgz" -C "$W" logs \
     --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npy' --exclude='*.npz' \
     --exclude='study/samples/images' --exclude='study/samples/*/*.png' --exclude='study/data' study 2>/dev/null
 ls -la "$OUT"
-for f in "$LOGS"/bench_*.log "$LOGS"/softness.log; do [[ -f $f ]] || continue; echo "== $f"; grep -v -e '%|' -e '^\s*$' "$f" | tail -12; done
+for f in "$LOGS"/bench_*.log "$LOGS"/softness.log; do [[ -f $f ]] || continue; echo "== $f"; grep -v -e '%|' -e '^\s*$' "$f" | tail -14; done
 echo "== steps"; cat "$LOGS/steps.txt"
 echo "== summary"; cat "$LOGS/summary.txt"

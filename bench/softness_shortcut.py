@@ -75,7 +75,8 @@ def main() -> None:
     for r in rows:
         s, t = r["sharp"], r["soft"]
         rec = ", ".join(f"{c} {s['rare_recall'][c]:.2f}->{t['rare_recall'][c]:.2f}" for c in s["rare_recall"])
-        print(f"{Path(r['run']).name:28s} {s['common_called_rare']:10.3f} -> {t['common_called_rare']:.3f}   "
+        name = "/".join(Path(r["run"]).parts[-2:])  # condition/seed in a study
+        print(f"{name:28s} {s['common_called_rare']:10.3f} -> {t['common_called_rare']:.3f}   "
               f"{s['common_mean_p_rare']:10.3f} -> {t['common_mean_p_rare']:.3f}   {rec}")
     if a.out:
         a.out.write_text(json.dumps(rows, indent=2))
