@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -102,15 +103,25 @@ def run_shard(plan: SamplePlan, rank: int, world: int, device: Any = "cpu") -> l
     if not todo:
         return written
     s = plan.settings
+    t0 = time.perf_counter()
     unet = load_unet(Path(s["checkpoint"]), s["weights"], device)
     scheduler = make_scheduler(s["sampler"], read_generator_info(s["generator"])["schedule"], s["clip_x0"])
+    spent = {"load": time.perf_counter() - t0, "sample": 0.0, "write": 0.0}  # where a slow stage spends its time
     for batch, miss in tqdm(todo, desc=f"generate[{rank}]", leave=False, disable=rank != 0 and world > 1):
+        t0 = time.perf_counter()
         labels = [CLASSES.index(batch.label)] * len(batch.seeds)
         images = to_uint8(sample(unet, scheduler, labels, batch.seeds, s["steps"], s["guidance"], s["precision"]))
+        t1 = time.perf_counter()
         first = batch.number * len(batch.seeds)
         for item in miss:
             save_sample(plan.folder, item, images[item.index - first].numpy(), s)
             written.append(item)
+        spent["sample"] += t1 - t0
+        spent["write"] += time.perf_counter() - t1
+    get_logger("generate").info(
+        "process %d: %d images (%d batches): model load %.1f s, sampling %.1f s (%.0f img/s, batches of %d), "
+        "PNG writing %.1f s", rank, len(written), len(todo), spent["load"], spent["sample"],
+        sum(len(b.seeds) for b, _ in todo) / max(spent["sample"], 1e-9), int(s["batch_size"]), spent["write"])
     return written
 
 
