@@ -57,7 +57,7 @@ if [[ $SMOKE == 1 ]]; then  # the same path at toy sizes, on CPU
     SD=(--tiny)
     RANDAUG=(--batch 8 --size 32 --repeats 1)
     DATAPATH=(--size 32 --steps 2 --blocks 1 --batch-size 16)
-    SOFT=16
+    SOFT=16 DDIM_N=16 QUALITY=(--set features.input_size=32 --set repeats=2)
 else
     # batch 128, one timed repeat: at batch 256 with 3 repeats it did not finish within 60 s on an H200
     SAMPLING=(--size base64 --image-size 64 --batch 128 --repeats 1)
@@ -65,7 +65,7 @@ else
     SD=(--warmup 1 --gen-repeats 2 ${SD_ARGS:-})
     RANDAUG=(--batch 64 --size 128 --repeats 5)
     DATAPATH=(--size 128 --batch-size 64 --steps 30 --blocks 3)
-    SOFT=64
+    SOFT=64 DDIM_N=256 QUALITY=(--set repeats=10 --set features.device=auto)
 fi
 
 if [[ ${SKIP_STUDY:-0} != 1 && ${SKIP_BENCHES:-0} != 1 ]]; then  # a complete one-seed report before the benchmarks
@@ -92,9 +92,16 @@ if [[ ${SKIP_STUDY:-0} != 1 ]]; then
     # do the seed-0 classifiers call soft (upsampled-looking) common lesions rare? (SOFT = the generator's size)
     step softness 90 $PY bench/softness_shortcut.py --split "$W/study/split/split.json" --soft "$SOFT" \
         "$W"/study/classifiers/*/seed0 --out "$LOGS/softness.json"
+    # what the fast sampler costs in quality: DDIM 50 samples of the study's generator, scored like its DPM++ 25 ones
+    step ddim50_samples 120 $PY -m dermsynth generate --gen "$W/study/generator" --classes df,vasc,mel \
+        --per-class "$DDIM_N" --sampler ddim --steps 50 --out "$W/ddim50"
+    step ddim50_quality 60 $PY -m dermsynth quality --samples "$W/ddim50" --split "$W/study/split/split.json" \
+        "${QUALITY[@]}" --out "$LOGS/ddim50_quality"
 fi
 
-$PY bench/study_summary.py "$W/study" >"$LOGS/summary.txt" 2>&1
+EXTRA=()
+[[ -f $LOGS/ddim50_quality/quality.json ]] && EXTRA=(--quality "ddim50=$LOGS/ddim50_quality/quality.json")
+$PY bench/study_summary.py "$W/study" "${EXTRA[@]}" >"$LOGS/summary.txt" 2>&1
 # what comes back: logs, benchmark results, the study's tables, reports, grids and logs (no PNG samples, no weights)
 tar czf "$OUT/results.tgz" -C "$W" logs \
     --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npy' --exclude='*.npz' \

@@ -27,7 +27,22 @@ def _json(p: Path) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def summary(study: Path) -> str:
+def quality_lines(label: str, q: dict | None) -> list[str]:
+    """One line per class group of a quality.json: FD/KID beside the real-vs-real floor, precision and recall."""
+    lines: list[str] = []
+    for c, g in (q or {}).get("groups", {}).items():
+        if "synthetic" not in g:
+            lines.append(f"quality[{label}] {c:16s} not measured: {g.get('skipped') or g.get('reason') or g}")
+            continue
+        s, fl, e = g["synthetic"], g["floor"], q["extractor"]
+        lines.append(f"quality[{label}] {c:16s} N={g['N']:4d}  FD_{e} {s[f'FD_{e}']:8.1f} +- {s[f'FD_{e}_std']:5.1f} "
+                     f"vs floor {fl[f'FD_{e}']:7.1f} ({s[f'FD_{e}'] / fl[f'FD_{e}']:.2f}x)  KID {s[f'KID_{e}']:.4f} vs "
+                     f"floor {fl[f'KID_{e}']:.4f}  precision {s[f'precision_{e}']:.2f} recall {s[f'recall_{e}']:.2f}")
+    return lines
+
+
+def summary(study: Path, extra_quality: dict[str, Path] | None = None) -> str:
+    """The summary text; ``extra_quality``: label -> another quality.json to list beside the study's own."""
     lines: list[str] = [f"study {study}"]
     t = _json(study / "timings.json")
     if t:
@@ -42,18 +57,9 @@ def summary(study: Path) -> str:
             lines.append("class-prob thresholds: " + ", ".join(
                 f"{c} {v['threshold']:.3f}" for c, v in f["class_prob_thresholds"].items()))
     for which in ("samples", "filtered"):
-        q = _json(study / "quality" / which / "quality.json")
-        if not q:
-            continue
-        for c, g in q["groups"].items():
-            if "synthetic" not in g:
-                lines.append(f"quality[{which}] {c:16s} not measured: {g.get('skipped') or g.get('reason') or g}")
-                continue
-            s, fl, e = g["synthetic"], g["floor"], q["extractor"]
-            lines.append(f"quality[{which}] {c:16s} N={g['N']:4d}  FD_{e} {s[f'FD_{e}']:8.1f} vs floor "
-                         f"{fl[f'FD_{e}']:7.1f} ({s[f'FD_{e}'] / fl[f'FD_{e}']:.2f}x)  KID {s[f'KID_{e}']:.4f} vs "
-                         f"floor {fl[f'KID_{e}']:.4f}  precision {s[f'precision_{e}']:.2f} "
-                         f"recall {s[f'recall_{e}']:.2f}")
+        lines += quality_lines(which, _json(study / "quality" / which / "quality.json"))
+    for label, path in (extra_quality or {}).items():
+        lines += quality_lines(label, _json(Path(path)))
     agg = study / "aggregate"
     if (agg / "table.csv").is_file():
         a = _json(agg / "aggregate.json") or {}
@@ -107,7 +113,10 @@ def ranking(study: Path, info: dict, n_boot: int = 1000) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", type=Path)
-    print(summary(p.parse_args().study))
+    p.add_argument("--quality", action="append", default=[], metavar="LABEL=PATH",
+                   help="another quality.json to list beside the study's (e.g. samples of another sampler)")
+    a = p.parse_args()
+    print(summary(a.study, dict(q.split("=", 1) for q in a.quality)))
 
 
 if __name__ == "__main__":
