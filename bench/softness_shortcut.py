@@ -20,10 +20,13 @@ import numpy as np
 import torch
 
 from dermsynth.classify.augment import lowres
+from dermsynth.classify.config import ClfConfig
 from dermsynth.classify.predict import predict_images
+from dermsynth.config import load_config
 from dermsynth.data.cache import build_cache
 from dermsynth.data.labels import CLASSES, parse_classes
 from dermsynth.data.split import load_split
+from dermsynth.paths import RunPaths
 
 
 def soften(images: np.ndarray, size: int) -> np.ndarray:
@@ -39,8 +42,8 @@ def shortcut(run: Path, labels: np.ndarray, sharp: np.ndarray, soft: np.ndarray,
     rare_idx = [CLASSES.index(c) for c in rare]
     is_rare = np.isin(labels, rare_idx)
     out: dict = {"run": str(run)}
-    for name, images in (("sharp", sharp), ("soft", soft)):
-        p = predict_images(run, images, device=device)
+    both = predict_images(run, np.concatenate([sharp, soft]), device=device)  # one model load for both
+    for name, p in (("sharp", both[:len(sharp)]), ("soft", both[len(sharp):])):
         pred = p.argmax(1)
         out[name] = {
             "common_called_rare": float(np.isin(pred[~is_rare], rare_idx).mean()),
@@ -60,9 +63,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument("--out", type=Path, help="also write the results as JSON here")
     a = p.parse_args()
-    from dermsynth.classify.predict import load_classifier
-
-    size = load_classifier(a.runs[0], torch.device("cpu"))[2].data.image_size
+    size = load_config(ClfConfig, RunPaths(a.runs[0]).config).data.image_size
     split = load_split(a.split)
     test = split.part("test")
     sharp = build_cache(split.manifest, size).take(test["image_id"])
