@@ -48,7 +48,8 @@ STUDY=(-m dermsynth study -c configs/ham10000_gpu.yaml --set "data.root=$W/ham10
 if [[ $SMOKE == 1 ]]; then  # the same path at toy sizes, on CPU
     STUDY+=(--set generator.data.image_size=16 --set generator.model.size=test --set generator.train.steps=20
             --set generator.train.checkpoint_every=10 --set generator.train.validate_every=0
-            --set generator.sample.batch_size=32 --set generation.per_class=16 --set classifier.data.image_size=32
+            --set generator.sample.batch_size=32 --set generation.per_class=16 --set "generation.per_class_of={df: 8}"
+            --set classifier.data.image_size=32
             --set classifier.model.name=test_efficientnet --set classifier.model.pretrained=none
             --set classifier.train.epochs=1 --set filter.features.input_size=32 --set quality.features.input_size=32
             --set quality.repeats=2 --set workers=2 --set n_boot=50 --set classifier.eval.n_boot=50)

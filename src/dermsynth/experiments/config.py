@@ -33,6 +33,10 @@ class GenerationConfig:
     """Arguments of :func:`dermsynth.generate.sample.generate` (None = the generator's own default)."""
 
     per_class: int = 800
+    # per-class counts that replace per_class, e.g. {df: 200, vasc: 200}: a ratio-1 hybrid uses about as many kept
+    # images of a class as it has real ones (HAM10000 train: df 80, vasc 102, mel 783), so drawing 800 of each
+    # spends sampling, filter and quality time on images no classifier sees
+    per_class_of: dict[str, int] = field(default_factory=dict)
     sampler: str | None = None
     steps: int | None = None
     guidance: float | None = None
@@ -218,6 +222,11 @@ def validate(cfg: StudyConfig) -> tuple[list[Condition], dict[str, float]]:
         raise ConfigError("baselines: list at least one real-only condition to compare against")
     if cfg.primary not in names:
         raise ConfigError(f"primary: {cfg.primary!r} is not a condition; conditions: {names}")
+    bad_counts = {c: n for c, n in cfg.generation.per_class_of.items()
+                  if c not in parse_classes(cfg.rare_classes) or n < 1}
+    if bad_counts:
+        raise ConfigError(f"generation.per_class_of: {bad_counts}: keys must be rare classes "
+                          f"({parse_classes(cfg.rare_classes)}), counts >= 1")
     unknown = sorted(set(cfg.quality_on) - {"samples", "filtered"})
     if unknown:
         raise ConfigError(f"quality_on: unknown set(s) {unknown}; use 'samples' and/or 'filtered'")

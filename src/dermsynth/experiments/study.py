@@ -28,7 +28,8 @@ from dermsynth.data.prepare import prepare
 from dermsynth.data.split import make_split
 from dermsynth.data.toy import make_toy
 from dermsynth.experiments.aggregate import aggregate
-from dermsynth.experiments.config import StudyConfig, condition_config, filter_twins, reference_config, validate
+from dermsynth.experiments.config import (GenerationConfig, StudyConfig, condition_config, filter_twins,
+                                          reference_config, validate)
 from dermsynth.experiments.units import Unit, UnitRunner
 from dermsynth.generate.config import GenConfig
 from dermsynth.generate.sample import generate
@@ -59,6 +60,16 @@ def _job_unit(name: str, stage: str, out: Path, config: Any, fn: Callable[..., A
 def _train_gen(cfg: GenConfig, out: Path, resume: bool) -> Path:
     """A generator unit's job (picklable, so it can run beside the reference classifier in another process)."""
     return train_generator(cfg, out, resume="latest" if resume else None)
+
+
+def _generate(paths: StudyPaths, gen: GenerationConfig, rare: list[str]) -> Path:
+    """The study's samples: one generate call per distinct count, into one folder (its manifest keeps every class)."""
+    counts = {c: gen.per_class_of.get(c, gen.per_class) for c in rare}
+    for n in sorted(set(counts.values())):
+        out = generate(paths.generator, classes=",".join(c for c in rare if counts[c] == n), per_class=n,
+                       out=paths.samples, sampler=gen.sampler, steps=gen.steps, guidance=gen.guidance, seed=gen.seed,
+                       batch_size=gen.batch_size, checkpoint=gen.checkpoint)
+    return out
 
 
 def _filter(paths: StudyPaths, cfg: StudyConfig, reference: Path, rare: list[str]) -> Path:
@@ -131,10 +142,7 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
                                upstream=["split"], done_file="metrics.json"))
         gen = cfg.generation
         units.append(Unit("samples", "samples", paths.samples, {"generation": gen, "classes": rare},
-                          lambda resume: generate(paths.generator, classes=",".join(rare), per_class=gen.per_class,
-                                                  out=paths.samples, sampler=gen.sampler, steps=gen.steps,
-                                                  guidance=gen.guidance, seed=gen.seed, batch_size=gen.batch_size,
-                                                  checkpoint=gen.checkpoint),
+                          lambda resume: _generate(paths, gen, rare),
                           upstream=["generator"], done_file="manifest.csv"))
         synthetic_src["unfiltered"] = ("samples", paths.samples / "manifest.csv")
 
