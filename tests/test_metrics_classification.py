@@ -7,8 +7,8 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_
                              precision_recall_fscore_support, roc_auc_score)
 
 from dermsynth.data.labels import CLASSES
-from dermsynth.metrics.classification import (classification_metrics, scores_from_confusion, weighted_auc_ovr,
-                                              weighted_confusion)
+from dermsynth.metrics.classification import (classification_metrics, mean_auc, scores_from_confusion,
+                                              weighted_auc_per_class, weighted_confusion)
 
 K = len(CLASSES)
 
@@ -78,7 +78,8 @@ def test_weighted_internals_match_sklearn_sample_weight():
     w = rng.integers(0, 4, size=(3, len(y))).astype(float)
     probs[:50, 0] = probs[50:100, 0]  # ties in scores
     sc = scores_from_confusion(weighted_confusion(y, pred, w), rare_idx=[3, 4, 6])
-    auc = weighted_auc_ovr(y, probs, w)
+    per_class = weighted_auc_per_class(y, probs, w)
+    auc = mean_auc(per_class)
     for b in range(3):
         sw = w[b]
         assert sc["accuracy"][b] == pytest.approx(accuracy_score(y, pred, sample_weight=sw))
@@ -86,8 +87,8 @@ def test_weighted_internals_match_sklearn_sample_weight():
         keep = sw > 0
         assert sc["macro_f1"][b] == pytest.approx(
             f1_score(y[keep], pred[keep], average="macro", sample_weight=sw[keep], zero_division=0))
-        ref = np.mean([roc_auc_score(y == c, probs[:, c], sample_weight=sw) for c in range(K)])
-        assert auc[b] == pytest.approx(ref)
+        refs = [roc_auc_score(y == c, probs[:, c], sample_weight=sw) for c in range(K)]
+        assert per_class[b] == pytest.approx(refs) and auc[b] == pytest.approx(np.mean(refs))
 
 
 def test_bootstrap_resamples_groups_not_images():

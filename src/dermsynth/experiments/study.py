@@ -66,10 +66,10 @@ def _generate(paths: StudyPaths, gen: GenerationConfig, rare: list[str]) -> Path
     """The study's samples: one generate call per distinct count, into one folder (its manifest keeps every class)."""
     counts = {c: gen.per_class_of.get(c, gen.per_class) for c in rare}
     for n in sorted(set(counts.values())):
-        out = generate(paths.generator, classes=",".join(c for c in rare if counts[c] == n), per_class=n,
-                       out=paths.samples, sampler=gen.sampler, steps=gen.steps, guidance=gen.guidance, seed=gen.seed,
-                       batch_size=gen.batch_size, checkpoint=gen.checkpoint)
-    return out
+        generate(paths.generator, classes=",".join(c for c in rare if counts[c] == n), per_class=n,
+                 out=paths.samples, sampler=gen.sampler, steps=gen.steps, guidance=gen.guidance, seed=gen.seed,
+                 batch_size=gen.batch_size, checkpoint=gen.checkpoint)
+    return paths.samples
 
 
 def _filter(paths: StudyPaths, cfg: StudyConfig, reference: Path, rare: list[str]) -> Path:

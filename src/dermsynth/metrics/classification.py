@@ -100,11 +100,6 @@ def mean_auc(aucs: np.ndarray, idx: Sequence[int] | None = None) -> np.ndarray:
     return np.where(n > 0, np.where(valid, a, 0.0).sum(1) / np.maximum(n, 1), np.nan)
 
 
-def weighted_auc_ovr(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Macro one-vs-rest ROC AUC for each weight row (B,), averaging classes with both positives and negatives."""
-    return mean_auc(weighted_auc_per_class(y, probs, w))
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The public function
 # ----------------------------------------------------------------------------------------------------------------------
