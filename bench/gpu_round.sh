@@ -93,6 +93,8 @@ if [[ ${SKIP_STUDY:-0} != 1 ]]; then
     # do the seed-0 classifiers call soft (upsampled-looking) common lesions rare? (SOFT = the generator's size)
     step softness 90 $PY bench/softness_shortcut.py --split "$W/study/split/split.json" --soft "$SOFT" \
         "$W"/study/classifiers/*/seed0 --out "$LOGS/softness.json"
+    # test-time flips and the decision rule, rescored from every classifier's checkpoint (chosen on val only)
+    step levers 90 $PY bench/eval_levers.py "$W/study" --out "$LOGS/levers.json"
     # what the fast sampler costs in quality: DDIM 50 samples of the study's generator, scored like its DPM++ 25 ones
     step ddim50_samples 120 $PY -m dermsynth generate --gen "$W/study/generator" --classes df,vasc,mel \
         --per-class "$DDIM_N" --sampler ddim --steps 50 --out "$W/ddim50"
@@ -109,5 +111,6 @@ tar czf "$OUT/results.tgz" -C "$W" logs \
     --exclude='study/samples/images' --exclude='study/samples/*/*.png' --exclude='study/data' study 2>/dev/null
 ls -la "$OUT"
 for f in "$LOGS"/bench_*.log "$LOGS"/softness.log; do [[ -f $f ]] || continue; echo "== $f"; grep -v -e '%|' -e '^\s*$' "$f" | tail -14; done
+[[ -f $LOGS/levers.log ]] && { echo "== $LOGS/levers.log"; grep -v -e '%|' -e '^\s*$' "$LOGS/levers.log" | tail -40; }
 echo "== steps"; cat "$LOGS/steps.txt"
 echo "== summary"; cat "$LOGS/summary.txt"

@@ -63,8 +63,8 @@ def summary(study: Path, extra_quality: dict[str, Path] | None = None) -> str:
     agg = study / "aggregate"
     if (agg / "table.csv").is_file():
         a = _json(agg / "aggregate.json") or {}
-        tab = pd.read_csv(agg / "table.csv")
-        tab = tab[(tab["part"] == "test") & tab["metric"].isin(METRICS)]
+        full = pd.read_csv(agg / "table.csv")
+        tab = full[(full["part"] == "test") & full["metric"].isin(METRICS)]
         rows = {}
         for (cond, metric), r in tab.set_index(["condition", "metric"]).iterrows():
             ci = "" if pd.isna(r["ci_lo"]) else f" [{r['ci_lo']:.3f}, {r['ci_hi']:.3f}]"
@@ -82,8 +82,24 @@ def summary(study: Path, extra_quality: dict[str, Path] | None = None) -> str:
         if a.get("primary_val_macro_f1"):
             lines.append(f"primary chosen on val: {a['primary']} (val macro-F1 "
                          + ", ".join(f"{c} {v:.3f}" for c, v in a["primary_val_macro_f1"].items()) + ")")
+        lines += decision_lines(full)
         lines += ranking(study, a)
     return "\n".join(lines)
+
+
+def decision_lines(table: pd.DataFrame) -> list[str]:
+    """Per condition: the decision rule's tau (fitted on val) and test macro-F1 / minority F1, argmax -> rule."""
+    t = table.set_index(["condition", "part", "metric"])["mean"]
+    conds = [c for c in dict.fromkeys(table["condition"]) if (c, "val", "decision_tau") in t.index]
+    if not conds:
+        return []
+    lines = ["decision rule (prior shift, tau fitted on val): test argmax -> rule, mean over seeds"]
+    for c in conds:
+        parts = [f"{m} {t[(c, 'test_argmax', m)]:.3f} -> {t[(c, 'test', m)]:.3f}"
+                 for m in ("macro_f1", "minority_f1", "balanced_accuracy", "accuracy")
+                 if (c, "test_argmax", m) in t.index and (c, "test", m) in t.index]
+        lines.append(f"  {c:20s} tau {t[(c, 'val', 'decision_tau')]:+.2f}  " + "  ".join(parts))
+    return lines
 
 
 def ranking(study: Path, info: dict, n_boot: int = 1000) -> list[str]:

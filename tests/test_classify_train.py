@@ -100,6 +100,7 @@ def test_run_writes_outputs_with_provenance(toy_split, tmp_path):
     assert m["best_epoch"] == int(summary["epoch"][summary["val_macro_f1"].idxmax()])
     assert m == json.loads((run / "metrics.json").read_text())
     assert {"test", "val", "best_epoch", "extra", "wall_s", "train_counts"} <= set(m)
+    assert m["decision"] == {"rule": "argmax"}
     assert 0 <= m["test"]["macro_f1"] <= 1 and set(m["test"]["ci"]) >= {"macro_f1", "minority_f1"}
 
     # provenance: synthetic images trained on (and recorded), never scored
@@ -179,6 +180,60 @@ def test_early_stopping_and_extra_test_sets(toy_split, tmp_path):
     assert m["best_epoch"] == int(np.argmax(f1)) + 1
     assert m["extra"]["again"]["n"] == len(split.manifest)
     assert len(pd.read_csv(tmp_path / "run" / "predictions_again.csv")) == len(split.manifest)
+
+
+def test_prior_shift_decision_is_fitted_on_val_and_scored_everywhere(toy_split, tmp_path):
+    from sklearn.metrics import f1_score
+
+    from dermsynth.classify.decision import class_prior, decide, fit_prior_shift, prior_offsets
+
+    taus = [-1.0, -0.5, 0.0, 0.5, 1.0, 2.0]
+    m = train_classifier(tiny_cfg(toy_split, "eval.decision=prior_shift", f"eval.decision_taus={taus}"),
+                         tmp_path / "run")
+    d = m["decision"]
+    assert d["rule"] == "prior_shift" and d["tau"] in taus
+    prior = class_prior([m["train_counts"][c]["real"] for c in CLASSES])
+    assert np.allclose(list(d["prior"].values()), prior)
+
+    def table(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        t = pd.read_csv(tmp_path / "run" / name)
+        return (t["label"].map(CLASSES.index).to_numpy(), t[[f"prob_{c}" for c in CLASSES]].to_numpy(),
+                t["pred"].map(CLASSES.index).to_numpy())
+
+    yv, pv, _ = table("val_predictions.csv")
+    assert fit_prior_shift(pv, yv, prior, taus)[0] == pytest.approx(d["tau"])  # refit from what the run wrote
+    yt, pt, dt = table("predictions.csv")
+    assert np.array_equal(dt, decide(pt, prior_offsets(prior, d["tau"])))  # pred is the rule's decision
+    labels = np.unique(np.r_[yt, dt])
+    assert m["test"]["macro_f1"] == pytest.approx(f1_score(yt, dt, average="macro", labels=labels, zero_division=0))
+    plain = pt.argmax(1)
+    assert d["argmax"]["test"]["accuracy"] == pytest.approx((plain == yt).mean())
+    assert m["val"]["macro_f1"] >= d["argmax"]["val"]["macro_f1"] - 1e-9  # the fit never loses on val
+    with pytest.raises(ConfigError, match="decision_taus"):
+        train_classifier(tiny_cfg(toy_split, "eval.decision=prior_shift", "eval.decision_taus=[]"), tmp_path / "r2")
+
+
+def test_tta_scores_the_best_epoch_with_eight_views_and_picks_it_plain(toy_split, tmp_path):
+    from dermsynth.classify.augment import dihedral_views
+    from dermsynth.classify.predict import load_classifier, predict_probs
+    from dermsynth.metrics.classification import classification_metrics
+
+    m = train_classifier(tiny_cfg(toy_split, "eval.tta=true"), tmp_path / "run")
+    model, norm, _, _ = load_classifier(tmp_path / "run")
+    split = load_split(toy_split)
+    cache = build_cache(split.manifest, 24)
+    test = torch.from_numpy(cache.take(split.part("test")["image_id"]))
+    views = [predict_probs(model, (v * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous(), norm,
+                           torch.device("cpu"), amp=False)
+             for v in dihedral_views(test.permute(0, 3, 1, 2).float() / 255)]
+    written = pd.read_csv(tmp_path / "run" / "predictions.csv")[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    assert np.allclose(written, torch.stack(views).mean(0).numpy(), atol=1e-5)
+    assert not np.allclose(written, views[0].numpy(), atol=1e-3)  # the views really differ
+    # the best epoch was chosen on plain validation probabilities (8x cheaper), not on the TTA ones
+    val = split.part("val")
+    plain = predict_probs(model, torch.from_numpy(cache.take(val["image_id"])), norm, torch.device("cpu"), amp=False)
+    assert m["best_val_macro_f1"] == pytest.approx(classification_metrics(val["label"], plain.numpy(),
+                                                                          n_boot=0)["macro_f1"])
 
 
 @pytest.mark.slow

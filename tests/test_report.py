@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from dermsynth.data.labels import CLASSES
 from dermsynth.data.manifest import write_manifest
 from dermsynth.data.split import SplitConfig, make_split
-from dermsynth.experiments.aggregate import aggregate
+from dermsynth.experiments.aggregate import aggregate, load_aggregate
 from dermsynth.experiments.report import NOTICE, build_report
 from dermsynth.io import atomic_save_image
 from dermsynth.paths import StudyPaths
@@ -100,6 +101,25 @@ def test_report_holds_tables_and_embedded_images(tmp_path):
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(links) == len(imgs) and all((out.parent / link).is_file() for link in links)
     assert "| condition | role |" in md and "not measurable here" in md
+
+
+def test_report_shows_what_the_decision_rule_changed(tmp_path):
+    runs = make_fake_study(tmp_path)
+    _study_files(tmp_path)
+    for cond, by_seed in runs.items():
+        for seed, run in by_seed.items():
+            m = json.loads((run / "metrics.json").read_text())
+            argmax = {p: {k: m[p][k] - 0.05 for k in ("macro_f1", "minority_f1", "balanced_accuracy", "accuracy")}
+                      for p in ("val", "test")}
+            m["decision"] = {"rule": "prior_shift", "tau": 0.25 * seed, "argmax": argmax}
+            (run / "metrics.json").write_text(json.dumps(m))
+    aggregate(tmp_path, runs, baselines=["real_only", "oversampling", "focal"], primary="hybrid", n_boot=50)
+    table = load_aggregate(tmp_path)["table"].set_index(["condition", "part", "metric"])
+    assert table.loc[("hybrid", "val", "decision_tau"), "mean"] == 0.25  # seeds 0, 1, 2
+    assert table.loc[("hybrid", "test_argmax", "macro_f1"), "mean"] == pytest.approx(
+        table.loc[("hybrid", "test", "macro_f1"), "mean"] - 0.05)
+    page = build_report(tmp_path).read_text()
+    assert "The decision rule" in page and "+0.25 ± 0.25" in page and "0.670 -&gt; 0.720" in page
 
 
 def test_report_of_a_study_without_synthetic_images_says_what_is_missing(tmp_path):

@@ -81,6 +81,7 @@ def test_every_stage_ran_and_the_report_was_built(finished):
     real = json.loads((paths.classifier("real", 1) / "metrics.json").read_text())
     used = lambda m: sum(v["synthetic"] for v in m["train_counts"].values())  # noqa: E731
     assert used(hyb) > 0 and used(unf) > 0 and used(real) == 0
+    assert hyb["decision"]["rule"] == "prior_shift" and "argmax" in hyb["decision"]  # study_tiny's eval.decision
     assert pd.read_csv(paths.classifier("hybrid_r2", 0) / "train_set.csv")["source"].eq("synthetic").sum() > used(hyb) / 2
 
     table = pd.read_csv(paths.aggregate / "table.csv")
@@ -101,6 +102,37 @@ def test_every_stage_ran_and_the_report_was_built(finished):
             "classifiers"} <= set(timings["stages"]) and timings["stages"]["classifiers"]["units"] == 8
     page = paths.report_html.read_text()
     assert "hybrid_unfiltered" in page and page.count("data:image/png;base64,") >= 8
+    assert "The decision rule" in page
+
+
+def test_eval_levers_bench_reproduces_each_runs_own_decisions(finished, tmp_path, capsys):
+    """bench/eval_levers.py rescoring from the checkpoints gives the runs' own argmax and rule scores back."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("eval_levers", REPO / "bench" / "eval_levers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "levers.json"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sys, "argv", ["eval_levers.py", str(finished), "--device", "cpu", "--n-boot", "20", "--out", str(out)])
+    try:
+        mod.main()
+    finally:
+        mp.undo()
+    res = json.loads(out.read_text())
+    info = json.loads((StudyPaths(finished).aggregate / "aggregate.json").read_text())
+    for cond, by_seed in info["runs"].items():
+        for seed, run in by_seed.items():
+            m = json.loads((Path(run) / "metrics.json").read_text())
+            r = res["scores"][cond][seed]
+            assert r["tau"]["rule"] == m["decision"]["tau"]
+            assert r["scores"]["rule"]["macro_f1"] == pytest.approx(m["test"]["macro_f1"], abs=1e-6)
+            assert r["scores"]["argmax"]["macro_f1"] == pytest.approx(m["decision"]["argmax"]["test"]["macro_f1"],
+                                                                      abs=1e-6)
+            assert r["scores"]["tta+argmax"]["minority_auc"] != r["scores"]["argmax"]["minority_auc"]
+    assert set(res["comparisons"]) == {"argmax", "rule", "tta+argmax", "tta+rule"}
+    assert "minus" in capsys.readouterr().out
 
 
 def test_a_kill_mid_stage_resumes_that_stage_from_its_checkpoint(finished):

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dermsynth.classify.decision import DEFAULT_TAUS
+
 
 @dataclass
 class DataConfig:
@@ -87,7 +89,14 @@ class EvalConfig:
     extra_test: dict[str, str] = field(default_factory=dict)  # name -> manifest path (e.g. isic2018: .../manifest.csv)
     n_boot: int = 1000  # lesion-level bootstrap replicates for the final val/test CIs
     batch_size: int = 256
-    tta: bool = False  # average the 8 flips/rotations at evaluation
+    # average the 8 flips/rotations when scoring the best epoch (val, test, extra sets; predict_images too); the
+    # per-epoch validation that picks the best epoch stays plain, 8x cheaper
+    tta: bool = False
+    # The decision rule (dermsynth.classify.decision): "argmax", or "prior_shift": each class's log-probability moves
+    # by -tau * log(prior of the real training images), one tau from decision_taus chosen on VALIDATION macro-F1.
+    # Metrics, predictions.csv's pred column and the study's comparisons use the decisions; AUCs do not change.
+    decision: Literal["argmax", "prior_shift"] = "argmax"
+    decision_taus: list[float] = field(default_factory=lambda: list(DEFAULT_TAUS))
 
 
 @dataclass

@@ -91,6 +91,9 @@ def load_clf_data(cfg: ClfConfig) -> ClfData:
     if cfg.data.synthetic_required and not cfg.data.synthetic:
         raise ConfigError("this recipe mixes synthetic images: set data.synthetic to a samples manifest.csv "
                           "(dermsynth generate / filter output)")
+    if cfg.eval.decision != "argmax" and not cfg.eval.decision_taus:
+        # checked before training, not after it: the rule is fitted once the best epoch is known
+        raise ConfigError(f"eval.decision={cfg.eval.decision} needs at least one value in eval.decision_taus")
     split = load_split(cfg.data.split)
     parts = {p: split.part(p)[COLUMNS].copy() for p in ("train", "val", "test")}
     syn_ids: set[str] = set()

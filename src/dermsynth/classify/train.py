@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from dermsynth.classify.augment import augment_batch, normalize
 from dermsynth.device import to_device
 from dermsynth.classify.config import ClfConfig
+from dermsynth.classify.decision import class_prior, decide, fit_prior_shift, prior_offsets
 from dermsynth.classify.data import ClfData, labels_of, load_clf_data, load_images, open_caches
 from dermsynth.classify.losses import build_loss
 from dermsynth.classify.models import Normalize, build_model
@@ -47,6 +48,7 @@ from dermsynth.paths import RunPaths
 from dermsynth.runlog import get_logger, run_log
 
 StepHook = Callable[[int, int, int], None]  # (epoch, step in epoch, global step), called after every step
+HEADLINE = ("macro_f1", "minority_f1", "balanced_accuracy", "accuracy")
 SUMMARY_COLUMNS = ["epoch", "train_loss", "val_macro_f1", "val_balanced_accuracy", "val_minority_f1", "val_accuracy",
                    "lr", "img_s", "elapsed_s"]
 
@@ -160,9 +162,8 @@ def _cpu_copy(net: nn.Module) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _evaluate(net: nn.Module, images: torch.Tensor, norm: Normalize, device: torch.device, cfg: ClfConfig,
-              state: Any) -> np.ndarray:
-    kw = dict(batch_size=cfg.eval.batch_size, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
-              tta=cfg.eval.tta)
+              state: Any, tta: bool = False) -> np.ndarray:
+    kw = dict(batch_size=cfg.eval.batch_size, amp=cfg.train.amp, channels_last=cfg.train.channels_last, tta=tta)
     world, rank, n = state.num_processes, state.process_index, len(images)
     if world == 1:
         return predict_probs(net, images, norm, device, **kw).cpu().numpy()
@@ -172,17 +173,29 @@ def _evaluate(net: nn.Module, images: torch.Tensor, norm: Normalize, device: tor
     return probs.view(world, len(mine), -1).transpose(0, 1).reshape(-1, probs.shape[-1])[:n].cpu().numpy()
 
 
-def _score(df: pd.DataFrame, probs: np.ndarray, cfg: ClfConfig, n_boot: int) -> dict:
+def _score(df: pd.DataFrame, probs: np.ndarray, cfg: ClfConfig, n_boot: int,
+           offsets: np.ndarray | None = None) -> dict:
     return classification_metrics(df["label"].tolist(), probs, groups=df["group_id"].tolist(),
-                                   rare=cfg.eval.rare_classes, n_boot=n_boot, seed=cfg.train.seed)
+                                   rare=cfg.eval.rare_classes, n_boot=n_boot, seed=cfg.train.seed, offsets=offsets)
 
 
-def _predictions(df: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
+def _predictions(df: pd.DataFrame, probs: np.ndarray, offsets: np.ndarray | None = None) -> pd.DataFrame:
     out = df[["image_id", "group_id", "label", "source"]].reset_index(drop=True).copy()
     for i, c in enumerate(CLASSES):
         out[f"prob_{c}"] = probs[:, i]
-    out["pred"] = [CLASSES[i] for i in probs.argmax(1)]
+    out["pred"] = [CLASSES[i] for i in decide(probs, offsets)]
     return out
+
+
+def _decision_rule(cfg: ClfConfig, data: ClfData, counts: dict, val_probs: np.ndarray) -> tuple[np.ndarray | None, dict]:
+    """The decision offsets (None = argmax) and their record for metrics.json; any tau is fitted on val only."""
+    if cfg.eval.decision == "argmax":
+        return None, {"rule": "argmax"}
+    prior = class_prior([counts[c]["real"] for c in CLASSES])
+    tau, table = fit_prior_shift(val_probs, labels_of(data.val), prior, cfg.eval.decision_taus)
+    offsets = prior_offsets(prior, tau)
+    return offsets, {"rule": cfg.eval.decision, "tau": tau, "val_macro_f1_by_tau": {str(k): v for k, v in table.items()},
+                     "prior": dict(zip(CLASSES, prior.tolist())), "offsets": dict(zip(CLASSES, offsets.tolist()))}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -330,7 +343,7 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
         train_loss = float(_gather(state, loss_sum.float()[None]).mean()) / max(prog.n_batches, 1)
 
         # validation and bookkeeping, identical on every rank (gathered probabilities)
-        val_probs = _evaluate(net, images["val"], norm, device, cfg, state)
+        val_probs = _evaluate(net, images["val"], norm, device, cfg, state)  # epoch choice: plain, 8x cheaper than TTA
         vm = _score(data.val, val_probs, cfg, n_boot=0)
         row = {"epoch": prog.epoch + 1, "train_loss": train_loss, "val_macro_f1": vm["macro_f1"],
                "val_balanced_accuracy": vm["balanced_accuracy"], "val_minority_f1": vm["minority_f1"],
@@ -362,23 +375,32 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
 
     # --- best epoch: predictions and metrics ------------------------------------------------------------------------
     net.load_state_dict(best_state)
-    probs = {p: _evaluate(net, images[p], norm, device, cfg, state) for p in ("val", "test")}
+    tta = cfg.eval.tta
+    probs = {p: _evaluate(net, images[p], norm, device, cfg, state, tta) for p in ("val", "test")}
     extra_probs = {}
     for name, df in data.extra.items():
         with state.main_process_first():
             arr = load_images(df, size, cfg.data.cache_dir)
-        extra_probs[name] = _evaluate(net, _image_tensor(arr, device, resident), norm, device, cfg, state)
+        extra_probs[name] = _evaluate(net, _image_tensor(arr, device, resident), norm, device, cfg, state, tta)
     if not main:
         state.wait_for_everyone()
         return {}
+    offsets, decision = _decision_rule(cfg, data, counts, probs["val"])
+    if offsets is not None:
+        # the plain-argmax scores beside the rule's, so that what the rule adds is visible in every run
+        plain = {p: _score(getattr(data, p), probs[p], cfg, 0) for p in ("val", "test")}
+        decision["argmax"] = {p: {m: sc[m] for m in HEADLINE} for p, sc in plain.items()}
+        log.info("decision rule %s: tau %+.2f (val macro-F1 %.4f -> %.4f)", decision["rule"], decision["tau"],
+                 decision["argmax"]["val"]["macro_f1"], decision["val_macro_f1_by_tau"][str(decision["tau"])])
     metrics = {
-        "test": _score(data.test, probs["test"], cfg, cfg.eval.n_boot),
-        "val": _score(data.val, probs["val"], cfg, cfg.eval.n_boot),
+        "test": _score(data.test, probs["test"], cfg, cfg.eval.n_boot, offsets),
+        "val": _score(data.val, probs["val"], cfg, cfg.eval.n_boot, offsets),
+        "decision": decision,
         "best_epoch": prog.best_epoch,
         "best_val_macro_f1": prog.best_f1,
         "epochs_run": prog.epoch,
         "stopped_early": prog.stopped,
-        "extra": {name: _score(data.extra[name], p, cfg, cfg.eval.n_boot) for name, p in extra_probs.items()},
+        "extra": {name: _score(data.extra[name], p, cfg, cfg.eval.n_boot, offsets) for name, p in extra_probs.items()},
         "wall_s": prog.wall_s + time.monotonic() - t_start,
         "train_counts": counts,
         "synthetic": data.synthetic,
@@ -392,10 +414,10 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
         "processes": world,
         "config_hash": config_hash(cfg),
     }
-    atomic_write_csv(paths.predictions, _predictions(data.test, probs["test"]))
-    atomic_write_csv(paths.val_predictions, _predictions(data.val, probs["val"]))
+    atomic_write_csv(paths.predictions, _predictions(data.test, probs["test"], offsets))
+    atomic_write_csv(paths.val_predictions, _predictions(data.val, probs["val"], offsets))
     for name, p in extra_probs.items():
-        atomic_write_csv(paths.extra_predictions(name), _predictions(data.extra[name], p))
+        atomic_write_csv(paths.extra_predictions(name), _predictions(data.extra[name], p, offsets))
     atomic_write_json(paths.metrics, metrics)
     if not tc.keep_final_state:  # a finished run resumes from metrics.json; its optimiser state is dead weight
         for old in paths.checkpoints.glob("step_*"):

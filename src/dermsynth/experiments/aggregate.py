@@ -83,6 +83,16 @@ def collect_runs(runs: Mapping[str, Mapping[int, Path]]) -> pd.DataFrame:
             for part in ("test", "val"):
                 for metric, value in _flatten(m.get(part) or {}).items():
                     rows.append({"condition": cond, "seed": int(seed), "part": part, "metric": metric, "value": value})
+            # a decision rule fitted on val (dermsynth.classify.decision): its tau, and the plain-argmax scores
+            # as parts "test_argmax" / "val_argmax", so the table shows what the rule changed
+            decision = m.get("decision") or {}
+            if "tau" in decision:
+                rows.append({"condition": cond, "seed": int(seed), "part": "val", "metric": "decision_tau",
+                             "value": float(decision["tau"])})
+            for part, scores in (decision.get("argmax") or {}).items():
+                for metric, value in scores.items():
+                    rows.append({"condition": cond, "seed": int(seed), "part": f"{part}_argmax", "metric": metric,
+                                 "value": float(value)})
     return pd.DataFrame(rows, columns=["condition", "seed", "part", "metric", "value"])
 
 

@@ -58,20 +58,31 @@ def paired_t(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dic
     return out
 
 
-def _pred_table(pred: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(true class index, class probabilities) of every row of a predictions.csv table."""
-    idx = pred["label"].map({c: i for i, c in enumerate(CLASSES)})
+def _pred_table(pred: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(true class index, class probabilities, decision) of every row of a predictions.csv table.
+
+    The decision is the run's own ``pred`` column (its decision rule, e.g. a validation-fitted prior shift), or the
+    argmax of the probabilities for a table without one.
+    """
+    lookup = {c: i for i, c in enumerate(CLASSES)}
+    idx = pred["label"].map(lookup)
     if idx.isna().any():
         raise ValueError(f"predictions hold an unknown label {pred.loc[idx.isna(), 'label'].iloc[0]!r}; "
                          f"expected one of {CLASSES}")
     probs = pred[[f"prob_{c}" for c in CLASSES]].to_numpy(dtype=np.float64)
-    return idx.to_numpy(dtype=np.int64), probs
+    if "pred" not in pred.columns:
+        return idx.to_numpy(dtype=np.int64), probs, probs.argmax(1)
+    decision = pred["pred"].map(lookup)
+    if decision.isna().any():
+        raise ValueError(f"predictions hold an unknown predicted class {pred.loc[decision.isna(), 'pred'].iloc[0]!r}; "
+                         f"expected one of {CLASSES}")
+    return idx.to_numpy(dtype=np.int64), probs, decision.to_numpy(dtype=np.int64)
 
 
 def _scores(pred: pd.DataFrame, weights: np.ndarray, rare_idx: Sequence[int]) -> dict[str, np.ndarray]:
     """Headline metrics for every weight row, with the classifier stage's own metric code (same conventions)."""
-    y, probs = _pred_table(pred)
-    out = scores_from_confusion(weighted_confusion(y, probs.argmax(1), weights), rare_idx)
+    y, probs, decision = _pred_table(pred)
+    out = scores_from_confusion(weighted_confusion(y, decision, weights), rare_idx)
     aucs = weighted_auc_per_class(y, probs, weights)
     out["auc_macro_ovr"], out["minority_auc"] = mean_auc(aucs), mean_auc(aucs, rare_idx)
     return out

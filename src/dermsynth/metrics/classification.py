@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dermsynth.classify.decision import decide
 from dermsynth.data.labels import CLASSES, canonical_label, parse_classes
 
 K = len(CLASSES)
@@ -105,11 +106,15 @@ def mean_auc(aucs: np.ndarray, idx: Sequence[int] | None = None) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------------
 
 def bootstrap_ci(y: np.ndarray, probs: np.ndarray, groups: np.ndarray, rare_idx: Sequence[int], n_boot: int,
-                 seed: int, level: float = 0.95, chunk: int = 200) -> dict[str, list[float]]:
-    """Percentile intervals of the headline metrics (and per-class F1) over ``n_boot`` group resamples."""
+                 seed: int, level: float = 0.95, chunk: int = 200,
+                 pred: np.ndarray | None = None) -> dict[str, list[float]]:
+    """Percentile intervals of the headline metrics (and per-class F1) over ``n_boot`` group resamples.
+
+    ``pred``: the decisions (class indices) scored by the F1/accuracy metrics; argmax of ``probs`` when None.
+    """
     _, gidx = np.unique(groups, return_inverse=True)
     n_groups = int(gidx.max()) + 1
-    pred = probs.argmax(1)
+    pred = probs.argmax(1) if pred is None else pred
     rng = np.random.default_rng(seed)
     samples: dict[str, list[np.ndarray]] = {}
     for start in range(0, n_boot, chunk):
@@ -135,7 +140,7 @@ def bootstrap_ci(y: np.ndarray, probs: np.ndarray, groups: np.ndarray, rare_idx:
 
 def classification_metrics(y_true: Sequence, probs: np.ndarray, groups: Sequence | None = None,
                            rare: Sequence[str] | str = ("df", "vasc", "mel"), n_boot: int = 1000,
-                           seed: int = 0) -> dict:
+                           seed: int = 0, offsets: np.ndarray | None = None) -> dict:
     """All scores of one set of predictions.
 
     ``y_true``: label strings or indices into CLASSES; ``probs``: (N, 7) class probabilities in CLASSES order;
@@ -144,6 +149,8 @@ def classification_metrics(y_true: Sequence, probs: np.ndarray, groups: Sequence
     minority_auc, n, n_groups and ci {metric: [lo, hi]} (95 % percentile bootstrap over groups; empty when n_boot
     is 0). minority_auc (the rare classes' mean one-vs-rest AUC) judges how well rare lesions are *ranked*,
     whatever the decision threshold: F1 can move with the threshold alone, AUC cannot.
+    ``offsets``: per-class log-probability offsets of the decision rule (dermsynth.classify.decision); they move the
+    decisions (F1, accuracy, confusion) and leave the AUCs alone.
     """
     y = _label_indices(y_true)
     probs = np.asarray(probs, dtype=np.float64)
@@ -158,7 +165,7 @@ def classification_metrics(y_true: Sequence, probs: np.ndarray, groups: Sequence
     rare_idx = [CLASSES.index(c) for c in rare_names]
     # point estimates: the bootstrap's weighted formulas with unit weights (equal to scikit-learn's, see the tests,
     # without its per-call validation overhead, which dominated per-epoch evaluation of small models)
-    pred = probs.argmax(1)
+    pred = decide(probs, offsets)
     ones = np.ones((1, len(y)))
     cm = weighted_confusion(y, pred, ones)
     sc = scores_from_confusion(cm, rare_idx)
@@ -188,7 +195,7 @@ def classification_metrics(y_true: Sequence, probs: np.ndarray, groups: Sequence
         "ci": {},
     }
     if n_boot > 0:
-        out["ci"] = bootstrap_ci(y, probs, groups_a, rare_idx, n_boot, seed)
+        out["ci"] = bootstrap_ci(y, probs, groups_a, rare_idx, n_boot, seed, pred=pred)
         out["ci_level"] = 0.95
         out["n_boot"] = int(n_boot)
     return out
