@@ -59,8 +59,40 @@ def test_study_units_carry_picklable_jobs(tmp_path):
     pooled = [u.name for u in units if u.job is not None]
     assert "generator" in pooled and "reference" in pooled and any(n.startswith("classifier/") for n in pooled)
     names = [u.name for u in units]
-    # the reference classifier sits right after the generator, so the two form one wave
+    # the reference classifier sits right after the generator, then the real-only classifiers: one wave
     assert names.index("reference") == names.index("generator") + 1
+    real = [n for n in names if n.startswith("classifier/real/")]
+    assert len(real) == len(cfg.seeds) and names[names.index("reference") + 1:names.index("samples")] == real
+    assert all(names.index(n) > names.index("quality/samples") for n in names if n.startswith("classifier/hybrid"))
+    # one worker, or early_baselines off: the classifiers keep their seed-major order after the quality stage
+    for over in (["workers=1"], ["workers=3", "early_baselines=false"]):
+        serial = [u.name for u in plan(load_config(StudyConfig, Path(__file__).resolve().parents[1] / "configs" /
+                                                   "study_tiny.yaml", over), tmp_path)[0]]
+        assert serial[serial.index("reference") + 1] == "samples"
+        clf = [n for n in serial if n.startswith("classifier/")]
+        assert serial[-len(clf):] == clf and clf[0].endswith("seed0") and clf[-1].endswith(f"seed{cfg.seeds[-1]}")
     for u in units:
         if u.job is not None:
             pickle.dumps(u.job)
+
+
+@pytest.mark.slow
+def test_tiny_study_with_workers_runs_baselines_beside_the_generator(tmp_path):
+    """The whole tiny study with two worker processes: the real-only classifier starts in the generator's wave,
+    before the samples exist, and the study finishes with its report."""
+    from dermsynth.config import load_config
+    from dermsynth.experiments.config import StudyConfig
+    from dermsynth.experiments.study import run_study
+    from dermsynth.paths import StudyPaths
+
+    cfg = load_config(StudyConfig, Path(__file__).resolve().parents[1] / "configs" / "study_tiny.yaml",
+                      ["workers=2", "seeds=[0]", "sweep.ratios=[]", "primary_from=[]"])
+    run_study(cfg, tmp_path)
+    paths = StudyPaths(tmp_path)
+    state = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "units").glob("*.json")}
+    assert all(s["status"] == "done" for s in state.values())
+    assert state["classifier__real__seed0"]["started"] <= state["samples"]["started"]
+    assert state["classifier__hybrid__seed0"]["started"] >= state["filter"]["finished"]
+    assert paths.report_html.is_file()
+    timings = json.loads(paths.timings.read_text())
+    assert timings["stages"]["classifiers"]["units"] == 3 and "elapsed_s" in timings["stages"]["generator"]

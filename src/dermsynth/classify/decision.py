@@ -18,7 +18,6 @@ import numpy as np
 
 from dermsynth.data.labels import CLASSES
 
-DECISIONS = ("argmax", "prior_shift")
 DEFAULT_TAUS = tuple(np.round(np.arange(-1.0, 2.0001, 0.25), 2).tolist())
 
 
@@ -65,4 +64,4 @@ def fit_prior_shift(probs: np.ndarray, labels: np.ndarray, prior: np.ndarray,
     return tau, table
 
 
-__all__ = ["DECISIONS", "DEFAULT_TAUS", "class_prior", "prior_offsets", "decide", "fit_prior_shift"]
+__all__ = ["DEFAULT_TAUS", "class_prior", "prior_offsets", "decide", "fit_prior_shift"]

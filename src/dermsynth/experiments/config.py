@@ -120,6 +120,9 @@ class StudyConfig:
     # processes that train classifiers (and the generator beside the reference classifier) at the same time: 1 on
     # a CPU; 3-6 on one large GPU, where a single small classifier is launch-bound and leaves the GPU mostly idle
     workers: int = 1
+    # with workers > 1: the real-only classifier runs start beside the generator (they need only the split), and
+    # only the synthetic conditions wait for samples, filter and quality; false keeps them in the classifier stage
+    early_baselines: bool = True
 
 
 # ----------------------------------------------------------------------------------------------------------------------

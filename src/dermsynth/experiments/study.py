@@ -159,6 +159,7 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
                               upstream=[src_unit, "split"], done_file="quality.json"))
 
     runs: dict[str, dict[int, Path]] = {}
+    classifiers: list[Unit] = []
     for seed in cfg.seeds:  # seed-major: a first complete pass over the conditions comes early
         for cond in conditions:
             ccfg = condition_config(cfg, cond)
@@ -169,11 +170,19 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
                 ccfg.data.synthetic, ccfg.data.synthetic_required = str(src_manifest), True
                 upstream.append(src_unit)
             run = paths.classifier(cond.name, seed)
-            units.append(_job_unit(f"classifier/{cond.name}/seed{seed}", "classifiers", run,
-                                   {"clf": _hashable(ccfg), "synthetic": cond.synthetic}, train_classifier, (ccfg, run),
-                                   upstream=upstream, done_file="metrics.json"))
+            classifiers.append(_job_unit(f"classifier/{cond.name}/seed{seed}", "classifiers", run,
+                                         {"clf": _hashable(ccfg), "synthetic": cond.synthetic}, train_classifier,
+                                         (ccfg, run), upstream=upstream, done_file="metrics.json"))
             runs.setdefault(cond.name, {})[seed] = run
-    return units, runs, ratios
+    names = [u.name for u in units]
+    if cfg.workers > 1 and cfg.early_baselines and "reference" in names:
+        # the real-only classifiers need only the split: planned right after the reference classifier, they join the
+        # generator's wave of worker processes instead of waiting for samples, filter and quality
+        real_only = [u for u in classifiers if u.upstream == ["split"]]
+        at = names.index("reference") + 1
+        units[at:at] = real_only
+        classifiers = [u for u in classifiers if u.upstream != ["split"]]
+    return units + classifiers, runs, ratios
 
 
 # ----------------------------------------------------------------------------------------------------------------------
