@@ -83,8 +83,30 @@ def summary(study: Path, extra_quality: dict[str, Path] | None = None) -> str:
             lines.append(f"primary chosen on val: {a['primary']} (val macro-F1 "
                          + ", ".join(f"{c} {v:.3f}" for c, v in a["primary_val_macro_f1"].items()) + ")")
         lines += decision_lines(full)
+        lines += ensemble_lines(agg, a)
         lines += ranking(study, a)
     return "\n".join(lines)
+
+
+def ensemble_lines(agg: Path, info: dict) -> list[str]:
+    """Each condition's seed ensemble (test, lesion-bootstrap CI) and the primary's minus the best baseline's."""
+    if not (agg / "ensembles.csv").is_file():
+        return []
+    ens = pd.read_csv(agg / "ensembles.csv")
+    if not len(ens):
+        return []
+    lines = ["seed ensembles (probabilities averaged over seeds, rule refitted on val), test [lesion bootstrap]:"]
+    for cond, e in ens.groupby("condition", sort=False):
+        e = e.set_index("metric")
+        lines.append(f"  {cond:20s} seeds {int(e['n_seeds'].iloc[0])}  " + "  ".join(
+            f"{m} {e.loc[m, 'value']:.3f} [{e.loc[m, 'ci_lo']:.3f}, {e.loc[m, 'ci_hi']:.3f}]"
+            for m in METRICS if m in e.index))
+    comp = info.get("ensemble_comparison") or {}
+    for m, d in comp.get("metrics", {}).items():
+        if m in METRICS:
+            lines.append(f"  ensemble {comp['condition']} - {comp['reference']} {m:18s} {d['diff']:+.3f} "
+                         f"[{d['lo']:+.3f}, {d['hi']:+.3f}]")
+    return lines
 
 
 def decision_lines(table: pd.DataFrame) -> list[str]:

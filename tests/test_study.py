@@ -102,7 +102,9 @@ def test_every_stage_ran_and_the_report_was_built(finished):
             "classifiers"} <= set(timings["stages"]) and timings["stages"]["classifiers"]["units"] == 8
     page = paths.report_html.read_text()
     assert "hybrid_unfiltered" in page and page.count("data:image/png;base64,") >= 8
-    assert "The decision rule" in page
+    assert "The decision rule" in page and "Seed ensembles" in page
+    ens = pd.read_csv(paths.aggregate / "ensembles.csv")
+    assert set(ens["condition"]) == {"real", "hybrid", "hybrid_unfiltered", "hybrid_r2"} and (ens["n_seeds"] == 2).all()
 
 
 def test_eval_levers_bench_reproduces_each_runs_own_decisions(finished, tmp_path, capsys):

@@ -7,6 +7,8 @@ Reads each run's ``metrics.json`` (and ``predictions.csv`` for the lesion bootst
     table.csv        condition x part x metric: n, mean, std, 95 % t-interval over seeds
     comparisons.csv  each condition minus the best baseline: paired t-test over seeds and lesion-level bootstrap
     criteria.csv     the seed's success criteria, filled with what was measured (met / not met / not measurable)
+    ensembles.csv    each condition's seeds averaged into one classifier (dermsynth.experiments.ensemble), with
+                     lesion-bootstrap intervals; the primary's minus the best baseline's goes into aggregate.json
     aggregate.json   the choices made (best baseline and why), mean confusion matrices, sweep ratios
 
 The best baseline is chosen on the VALIDATION part; the test part is only ever reported.
@@ -23,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from dermsynth.data.labels import CLASSES
+from dermsynth.experiments.ensemble import seed_ensembles
 from dermsynth.experiments.stats import BOOT_METRICS, lesion_bootstrap_diff, mean_ci, paired_t
 from dermsynth.io import DataError, atomic_write_csv, atomic_write_json
 from dermsynth.paths import RunPaths, StudyPaths
@@ -265,6 +268,8 @@ def aggregate(study: str | Path, runs: Mapping[str, Mapping[int, Path]], baselin
         primary, primary_scores = pick_on_validation(table, primary_from, role="primary")
     comparisons = compare(long, runs, best, rare, n_boot=n_boot, seed=seed)
     criteria = criteria_table(table, primary, quality)
+    ensembles, ensemble_comparison = seed_ensembles(runs, rare, primary, best, n_boot=n_boot, seed=seed)
+    atomic_write_csv(out / "ensembles.csv", ensembles)
     atomic_write_csv(out / "runs.csv", long)
     atomic_write_csv(out / "table.csv", table)
     atomic_write_csv(out / "comparisons.csv", comparisons)
@@ -287,6 +292,7 @@ def aggregate(study: str | Path, runs: Mapping[str, Mapping[int, Path]], baselin
         "synthetic": dict(synthetic or {}),  # condition -> which synthetic set it trained on (none/filtered/unfiltered)
         "filter_twins": dict(twins or {}),  # filtered condition -> its unfiltered twin (what the filter buys)
         "n_boot": n_boot,
+        "ensemble_comparison": ensemble_comparison,  # primary's seed ensemble minus the best baseline's
         "confusion_norm": mean_confusions(runs),
         "train_counts": {c: _read_metrics(Path(by_seed[min(by_seed)])).get("train_counts", {})
                          for c, by_seed in runs.items() if by_seed},
@@ -302,7 +308,8 @@ def load_aggregate(study: str | Path) -> dict[str, Any]:
         raise DataError(f"{agg}: no aggregate.json; run the study (or its aggregate step) first")
     read = lambda name: pd.read_csv(agg / name) if (agg / name).is_file() else pd.DataFrame()  # noqa: E731
     return {"info": json.loads((agg / "aggregate.json").read_text()), "runs": read("runs.csv"),
-            "table": read("table.csv"), "comparisons": read("comparisons.csv"), "criteria": read("criteria.csv")}
+            "table": read("table.csv"), "comparisons": read("comparisons.csv"), "criteria": read("criteria.csv"),
+            "ensembles": read("ensembles.csv")}
 
 
 __all__ = ["aggregate", "load_aggregate", "collect_runs", "summarise", "pick_on_validation", "compare",

@@ -452,6 +452,36 @@ def _decision(doc: Doc, agg: dict) -> None:
     doc.table(pd.DataFrame(rows), "mean over seeds; tau mean ± std")
 
 
+def _ensembles(doc: Doc, agg: dict) -> None:
+    """Each condition's seeds averaged into one classifier (only with >= 2 seeds)."""
+    ens = agg.get("ensembles")
+    if ens is None or not len(ens):
+        return
+    doc.h(3, "Seed ensembles")
+    doc.p("Each condition's seeds averaged into one classifier (the mean of their probabilities, decisions by the "
+          "runs' rule refitted on the ensemble's validation probabilities), scored once on test: the strongest model "
+          "a recipe yields, for as many times the inference. The tables above judge one training run; this one "
+          "judges what a user would deploy.")
+    rows = []
+    for cond in agg["info"]["conditions"]:
+        e = ens[ens["condition"] == cond].set_index("metric")
+        if not len(e):
+            continue
+        row = {"condition": cond, "seeds": int(e["n_seeds"].iloc[0]), "tau": _signed(float(e["tau"].iloc[0]), 2)}
+        for m, label in HEADLINE:
+            if m in e.index:
+                r = e.loc[m]
+                row[label] = f"{_f(r['value'])} [{_f(r['ci_lo'])}, {_f(r['ci_hi'])}]"
+        rows.append(row)
+    doc.table(pd.DataFrame(rows), "test part; [95 % lesion-bootstrap interval]")
+    comp = agg["info"].get("ensemble_comparison") or {}
+    for m in ("macro_f1", "minority_f1", "minority_auc"):
+        d = comp.get("metrics", {}).get(m)
+        if d:
+            doc.p(f"Ensemble of {comp['condition']} minus ensemble of {comp['reference']}, test {dict(HEADLINE)[m]}: "
+                  f"{_signed(d['diff'])} (lesion bootstrap 95 % CI [{_signed(d['lo'])}, {_signed(d['hi'])}]).")
+
+
 def _comparisons(doc: Doc, agg: dict) -> None:
     comp = agg["comparisons"]
     doc.h(3, f"Each condition minus the best baseline ({agg['info']['best_baseline']})")
@@ -648,6 +678,7 @@ def build_report(study: str | Path) -> Path:
     _filter(doc, paths)
     _results(doc, agg)
     _decision(doc, agg)
+    _ensembles(doc, agg)
     _comparisons(doc, agg)
     _per_class_bars(doc, agg)
     _sweep(doc, agg)
