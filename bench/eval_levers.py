@@ -20,8 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dermsynth.classify.config import ClfConfig
 from dermsynth.classify.decision import class_prior, decide, fit_prior_shift, prior_offsets
 from dermsynth.classify.predict import load_classifier, predict_probs
+from dermsynth.config import load_config
 from dermsynth.data.cache import build_cache
 from dermsynth.data.labels import CLASSES
 from dermsynth.data.split import load_split
@@ -85,7 +87,7 @@ def main() -> None:
     results: dict[str, dict[int, dict]] = {}
     for cond, by_seed in runs.items():
         for seed, run in sorted(by_seed.items()):
-            size = load_classifier(run, "cpu")[2].data.image_size
+            size = load_config(ClfConfig, RunPaths(run).config).data.image_size
             if size not in cache:
                 c = build_cache(split.manifest, size)
                 cache[size] = {q: c.take(parts[q]["image_id"]) for q in parts}

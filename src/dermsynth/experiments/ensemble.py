@@ -20,12 +20,12 @@ from dermsynth.classify.config import ClfConfig
 from dermsynth.classify.decision import class_prior, decide, fit_prior_shift, prior_offsets
 from dermsynth.config import load_config
 from dermsynth.data.labels import CLASSES
-from dermsynth.experiments.stats import lesion_bootstrap_diff
+from dermsynth.experiments.stats import BOOT_METRICS, lesion_bootstrap_diff
 from dermsynth.metrics.classification import classification_metrics
 from dermsynth.paths import RunPaths
 
 PROBS = [f"prob_{c}" for c in CLASSES]
-SCORED = ("macro_f1", "minority_f1", "balanced_accuracy", "accuracy", "auc_macro_ovr", "minority_auc")
+SCORED = BOOT_METRICS  # the metrics the study's comparisons bootstrap
 
 
 def _mean_probs(files: Sequence[Path]) -> pd.DataFrame:
@@ -81,7 +81,7 @@ def seed_ensembles(runs: Mapping[str, Mapping[int, Path]], rare: Sequence[str], 
     comparison: dict = {}
     if primary in tables and reference in tables and primary != reference:
         d = lesion_bootstrap_diff([tables[primary]], [tables[reference]], rare=rare, n_boot=n_boot, seed=seed)
-        comparison = {"condition": primary, "reference": reference, "metrics": {k: d[k] for k in SCORED if k in d}}
+        comparison = {"condition": primary, "reference": reference, "metrics": d}
     cols = ["condition", "n_seeds", "tau", "metric", "value", "ci_lo", "ci_hi"]
     return pd.DataFrame(rows, columns=cols), comparison
 
