@@ -137,6 +137,19 @@ def test_eval_levers_bench_reproduces_each_runs_own_decisions(finished, tmp_path
     assert "minus" in capsys.readouterr().out
 
 
+def test_study_summary_prints_the_rule_and_the_ensembles(finished):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_summary", REPO / "bench" / "study_summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.summary(finished)
+    ens = pd.read_csv(StudyPaths(finished).aggregate / "ensembles.csv").set_index(["condition", "metric"])
+    assert "decision rule (prior shift" in text and "seed ensembles" in text
+    assert f"macro_f1 {ens.loc[('hybrid', 'macro_f1'), 'value']:.3f}" in text
+    assert "ensemble hybrid" in text or "ensemble hybrid_r2" in text  # the primary's minus the best baseline's
+
+
 def test_a_kill_mid_stage_resumes_that_stage_from_its_checkpoint(finished):
     log = _log(finished)
     assert "resuming generator" in log and "resumed from" in log and "step_00000010" in log
