@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from dermsynth.classify.config import ClfConfig
-from dermsynth.classify.decision import class_prior, decide, fit_prior_shift, prior_offsets
+from dermsynth.classify.decision import decide, fit_decision
 from dermsynth.classify.predict import load_classifier, predict_probs
 from dermsynth.config import load_config
 from dermsynth.data.cache import build_cache
@@ -49,15 +49,15 @@ def run_levers(run: Path, parts: dict[str, pd.DataFrame], images: dict[str, np.n
     """Test scores and prediction tables of the four variants for one classifier run."""
     model, norm, cfg, _ = load_classifier(run, device)
     metrics = json.loads(RunPaths(run).metrics.read_text())
-    prior = class_prior([metrics["train_counts"][c]["real"] for c in CLASSES])
     y_val = parts["val"]["label"].map(CLASSES.index).to_numpy()
     out: dict = {"run": str(run), "scores": {}, "tables": {}, "tau": {}}
     for tta in (False, True):
         probs = {p: predict_probs(model, torch.from_numpy(np.ascontiguousarray(images[p])), norm, device,
                                   batch_size=256, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
                                   tta=tta).cpu().numpy().astype(np.float64) for p in ("val", "test")}
-        tau, _ = fit_prior_shift(probs["val"], y_val, prior, cfg.eval.decision_taus)
-        for rule, offsets in (("argmax", None), ("rule", prior_offsets(prior, tau))):
+        fitted = fit_decision("prior_shift", metrics["train_counts"], probs["val"], y_val, cfg.eval.decision_taus)
+        tau = fitted.tau
+        for rule, offsets in (("argmax", None), ("rule", fitted.offsets)):
             name = f"tta+{rule}" if tta else rule
             test = parts["test"]
             sc = classification_metrics(test["label"], probs["test"], test["group_id"], rare=rare, n_boot=0,

@@ -1,14 +1,14 @@
 """The decision rule: prior shift fitted on validation, and how metrics and the study's comparisons use decisions."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from dermsynth.classify.decision import DEFAULT_TAUS, class_prior, decide, fit_prior_shift, prior_offsets
+from dermsynth.classify.decision import (DEFAULT_TAUS, class_prior, decide, fit_decision, fit_prior_shift,
+                                        prior_offsets)
 from dermsynth.config import ConfigError
 from dermsynth.data.labels import CLASSES
 from dermsynth.experiments.stats import lesion_bootstrap_diff
@@ -112,3 +112,18 @@ def test_paired_bootstrap_compares_the_runs_decisions():
     assert lesion_bootstrap_diff([b.drop(columns="pred")], [b], rare=["df"], n_boot=50)["macro_f1"]["diff"] == 0.0
     with pytest.raises(ValueError, match="unknown predicted class 'blue'"):
         lesion_bootstrap_diff([a.assign(pred="blue")], [b], rare=["df"], n_boot=10)
+
+
+def test_fit_decision_wraps_the_rule_for_every_caller():
+    p, y, _ = _under_calling(seed=7)
+    counts = {c: {"real": (10 * i + 50), "synthetic": 99} for i, c in enumerate(CLASSES)}  # synthetic ones ignored
+    plain = fit_decision("argmax", counts, p, y)
+    assert plain.offsets is None and plain.record() == {"rule": "argmax"}
+    fitted = fit_decision("prior_shift", counts, p, y, taus=[0.0, 1.0, 2.0])
+    prior = class_prior([10 * i + 50 for i in range(K)])
+    assert fitted.tau == fit_prior_shift(p, y, prior, [0.0, 1.0, 2.0])[0]
+    assert np.allclose(fitted.offsets, prior_offsets(prior, fitted.tau))
+    rec = fitted.record()
+    assert rec["tau"] == fitted.tau and set(rec["val_macro_f1_by_tau"]) == {"0.0", "1.0", "2.0"}
+    with pytest.raises(ValueError, match="unknown decision rule 'median'"):
+        fit_decision("median", counts, p, y)

@@ -12,7 +12,9 @@ AUC, which ranks probabilities, is the same under any offsets.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -64,4 +66,38 @@ def fit_prior_shift(probs: np.ndarray, labels: np.ndarray, prior: np.ndarray,
     return tau, table
 
 
-__all__ = ["DEFAULT_TAUS", "class_prior", "prior_offsets", "decide", "fit_prior_shift"]
+@dataclass
+class Decision:
+    """A fitted decision rule: ``offsets`` for :func:`decide` (None = argmax) and what ``record`` puts in metrics."""
+
+    rule: str = "argmax"
+    tau: float = math.nan
+    prior: np.ndarray | None = None
+    val_macro_f1_by_tau: dict[float, float] = field(default_factory=dict)
+
+    @property
+    def offsets(self) -> np.ndarray | None:
+        return None if self.prior is None else prior_offsets(self.prior, self.tau)
+
+    def record(self) -> dict:
+        if self.prior is None:
+            return {"rule": self.rule}
+        return {"rule": self.rule, "tau": self.tau,
+                "val_macro_f1_by_tau": {str(k): v for k, v in self.val_macro_f1_by_tau.items()},
+                "prior": dict(zip(CLASSES, self.prior.tolist())), "offsets": dict(zip(CLASSES, self.offsets.tolist()))}
+
+
+def fit_decision(rule: str, train_counts: Mapping[str, Mapping[str, int]], val_probs: np.ndarray,
+                 val_labels: np.ndarray, taus: Sequence[float] = DEFAULT_TAUS) -> Decision:
+    """The rule fitted on validation probabilities. ``train_counts``: class -> {"real": n, ...}, as in metrics.json
+    (the prior is that of the REAL training images: synthetic ones are an artefact of the recipe, not of the data)."""
+    if rule == "argmax":
+        return Decision()
+    if rule != "prior_shift":
+        raise ValueError(f"unknown decision rule {rule!r}; use argmax or prior_shift")
+    prior = class_prior([train_counts[c]["real"] for c in CLASSES])
+    tau, table = fit_prior_shift(val_probs, val_labels, prior, taus)
+    return Decision(rule, tau, prior, table)
+
+
+__all__ = ["DEFAULT_TAUS", "Decision", "class_prior", "prior_offsets", "decide", "fit_prior_shift", "fit_decision"]

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from dermsynth.classify.augment import augment_batch, normalize
 from dermsynth.device import to_device
 from dermsynth.classify.config import ClfConfig
-from dermsynth.classify.decision import class_prior, decide, fit_prior_shift, prior_offsets
+from dermsynth.classify.decision import decide, fit_decision
 from dermsynth.classify.data import ClfData, labels_of, load_clf_data, load_images, open_caches
 from dermsynth.classify.losses import build_loss
 from dermsynth.classify.models import Normalize, build_model
@@ -185,17 +185,6 @@ def _predictions(df: pd.DataFrame, probs: np.ndarray, offsets: np.ndarray | None
         out[f"prob_{c}"] = probs[:, i]
     out["pred"] = [CLASSES[i] for i in decide(probs, offsets)]
     return out
-
-
-def _decision_rule(cfg: ClfConfig, data: ClfData, counts: dict, val_probs: np.ndarray) -> tuple[np.ndarray | None, dict]:
-    """The decision offsets (None = argmax) and their record for metrics.json; any tau is fitted on val only."""
-    if cfg.eval.decision == "argmax":
-        return None, {"rule": "argmax"}
-    prior = class_prior([counts[c]["real"] for c in CLASSES])
-    tau, table = fit_prior_shift(val_probs, labels_of(data.val), prior, cfg.eval.decision_taus)
-    offsets = prior_offsets(prior, tau)
-    return offsets, {"rule": cfg.eval.decision, "tau": tau, "val_macro_f1_by_tau": {str(k): v for k, v in table.items()},
-                     "prior": dict(zip(CLASSES, prior.tolist())), "offsets": dict(zip(CLASSES, offsets.tolist()))}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -385,7 +374,8 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
     if not main:
         state.wait_for_everyone()
         return {}
-    offsets, decision = _decision_rule(cfg, data, counts, probs["val"])
+    rule = fit_decision(cfg.eval.decision, counts, probs["val"], labels_of(data.val), cfg.eval.decision_taus)
+    offsets, decision = rule.offsets, rule.record()
     if offsets is not None:
         # the plain-argmax scores beside the rule's, so that what the rule adds is visible in every run
         plain = {p: _score(getattr(data, p), probs[p], cfg, 0) for p in ("val", "test")}

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from dermsynth.classify.config import ClfConfig
-from dermsynth.classify.decision import class_prior, decide, fit_prior_shift, prior_offsets
+from dermsynth.classify.decision import decide, fit_decision
 from dermsynth.config import load_config
 from dermsynth.data.labels import CLASSES
 from dermsynth.experiments.stats import BOOT_METRICS, lesion_bootstrap_diff
@@ -48,13 +48,10 @@ def seed_ensemble(by_seed: Mapping[int, Path], rare: Sequence[str], n_boot: int 
         return None
     test, val = _mean_probs([p.predictions for p in runs]), _mean_probs([p.val_predictions for p in runs])
     cfg = load_config(ClfConfig, runs[0].config)
-    offsets, tau = None, math.nan
-    if cfg.eval.decision == "prior_shift":
-        counts = json.loads(runs[0].metrics.read_text())["train_counts"]
-        prior = class_prior([counts[c]["real"] for c in CLASSES])
-        tau, _ = fit_prior_shift(val[PROBS].to_numpy(), val["label"].map(CLASSES.index).to_numpy(), prior,
-                                 cfg.eval.decision_taus)
-        offsets = prior_offsets(prior, tau)
+    counts = json.loads(runs[0].metrics.read_text())["train_counts"]
+    rule = fit_decision(cfg.eval.decision, counts, val[PROBS].to_numpy(), val["label"].map(CLASSES.index).to_numpy(),
+                        cfg.eval.decision_taus)
+    offsets, tau = rule.offsets, rule.tau
     probs = test[PROBS].to_numpy()
     m = classification_metrics(test["label"], probs, test["group_id"], rare=rare, n_boot=n_boot, seed=seed,
                                offsets=offsets)
