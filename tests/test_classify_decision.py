@@ -9,7 +9,6 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from dermsynth.classify.decision import (DEFAULT_TAUS, class_prior, decide, fit_decision, fit_prior_shift,
                                         prior_offsets)
-from dermsynth.config import ConfigError
 from dermsynth.data.labels import CLASSES
 from dermsynth.experiments.stats import lesion_bootstrap_diff
 from dermsynth.metrics.classification import classification_metrics
