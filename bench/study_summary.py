@@ -83,9 +83,31 @@ def summary(study: Path, extra_quality: dict[str, Path] | None = None) -> str:
             lines.append(f"primary chosen on val: {a['primary']} (val macro-F1 "
                          + ", ".join(f"{c} {v:.3f}" for c, v in a["primary_val_macro_f1"].items()) + ")")
         lines += decision_lines(full)
+        lines += sweep_lines(study, full, a)
         lines += ensemble_lines(agg, a)
         lines += ranking(study, a)
     return "\n".join(lines)
+
+
+def sweep_lines(study: Path, table: pd.DataFrame, info: dict) -> list[str]:
+    """The synthetic:real ratio sweep in ratio order: the synthetic images each run really used (a class's share is
+    capped by the images its filter kept), val and test macro-F1, test minority F1 and AUC, means over seeds."""
+    ratios = info.get("ratios") or {}
+    if len(ratios) < 2:
+        return []
+    t = table.set_index(["condition", "part", "metric"])["mean"]
+    lines = ["synthetic:real ratio sweep (synthetic images used per class in seed "
+             f"{min(min(v) for v in info['seeds'].values())}; means over seeds):"]
+    for cond, r in sorted(ratios.items(), key=lambda kv: kv[1]):
+        seeds = sorted(info.get("seeds", {}).get(cond, []))
+        m = _json(RunPaths(StudyPaths(study).classifier(cond, seeds[0])).metrics) if seeds else None
+        per = ((m or {}).get("synthetic") or {}).get("per_class", {})
+        used = ", ".join(f"{c} {v['used']}/{v['real']}" for c, v in sorted(per.items())) or "none"
+        scores = "  ".join(f"{part} {metric} {t[(cond, part, metric)]:.3f}"
+                           for part, metric in (("val", "macro_f1"), ("test", "macro_f1"), ("test", "minority_f1"),
+                                                ("test", "minority_auc")) if (cond, part, metric) in t.index)
+        lines.append(f"  ratio {r:<5g} {cond:26s} synthetic/real {used}  {scores}")
+    return lines
 
 
 def ensemble_lines(agg: Path, info: dict) -> list[str]:

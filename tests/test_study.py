@@ -12,7 +12,7 @@ import pytest
 import dermsynth.experiments.study as study_mod
 import dermsynth.generate.scratch_train as scratch_train
 from dermsynth.config import ConfigError, load_config
-from dermsynth.experiments.config import StudyConfig, expand_conditions, validate
+from dermsynth.experiments.config import StudyConfig, drawn_classes, expand_conditions, validate
 from dermsynth.experiments.study import plan, run_study
 from dermsynth.experiments.units import UnitRunner
 from dermsynth.paths import StudyPaths
@@ -229,8 +229,12 @@ def test_config_validation_names_the_problem():
         validate(tiny("primary_from=[hybrid, real]"))
     with pytest.raises(ConfigError, match="primary_from: 'hybrid_r5' is not a condition"):
         validate(tiny("primary_from=[hybrid_r5]"))
-    with pytest.raises(ConfigError, match="generation.per_class_of.*'nv'"):
-        validate(tiny("generation.per_class_of={nv: 10}"))
+    with pytest.raises(ConfigError, match="generation.per_class_of.*'xyz'"):
+        validate(tiny("generation.per_class_of={xyz: 10}"))
+    with pytest.raises(ConfigError, match="generation.per_class_of.*'nv': 0"):
+        validate(tiny("generation.per_class_of={nv: 0}"))
+    # a class that is not rare is drawn too, so that a recipe can give every class synthetic images
+    assert drawn_classes(tiny("generation.per_class_of={df: 4, nv: 3}")) == {"df": 4, "vasc": 8, "mel": 8, "nv": 3}
     with pytest.raises(ConfigError, match="condition 'real'.*unknown"):
         validate(tiny("conditions=[{name: real, set: {train.nope: 1}}]", "sweep.ratios=[]", "primary=real",
                       "primary_from=[]"))
@@ -265,6 +269,12 @@ def test_the_summary_script_reads_a_finished_study(finished):
     assert "hybrid - " in text and "real" in text
     assert "primary chosen on val" in text and "rare-class ranking" in text
     assert text.count("minority AUC") >= 5  # one line per condition (4) and the primary minus the others
+    # the ratio sweep, in ratio order, with the synthetic images each run really used (ratio 0 uses none)
+    sweep = text[text.index("ratio sweep"):].splitlines()[1:4]
+    assert [ln.split()[2] for ln in sweep] == ["real", "hybrid", "hybrid_r2"]
+    assert "synthetic/real none" in sweep[0]
+    used = json.loads(StudyPaths(finished).classifier("hybrid_r2", 0).joinpath("metrics.json").read_text())
+    assert "df {used}/{real}".format(**used["synthetic"]["per_class"]["df"]) in sweep[2]
 
 
 def test_the_softness_shortcut_check_scores_sharp_and_soft_test_images(finished):

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from dermsynth.classify.config import ClfConfig
 from dermsynth.config import ConfigError, from_dict, to_dict
-from dermsynth.data.labels import parse_classes
+from dermsynth.data.labels import CLASSES, parse_classes
 from dermsynth.data.split import SplitConfig
 from dermsynth.data.toy import ToyConfig
 from dermsynth.generate.config import GenConfig
@@ -35,7 +35,9 @@ class GenerationConfig:
     per_class: int = 800
     # per-class counts that replace per_class, e.g. {df: 200, vasc: 200}: a ratio-1 hybrid uses about as many kept
     # images of a class as it has real ones (HAM10000 train: df 80, vasc 102, mel 783), so drawing 800 of each
-    # spends sampling, filter and quality time on images no classifier sees
+    # spends sampling, filter and quality time on images no classifier sees. A class that is not rare may be named
+    # too: it is drawn as well, so that a recipe can give synthetic images to every class (data.synthetic_classes)
+    # and "looks synthetic" stops being evidence for a rare class
     per_class_of: dict[str, int] = field(default_factory=dict)
     sampler: str | None = None
     steps: int | None = None
@@ -201,6 +203,13 @@ def reference_config(cfg: StudyConfig) -> ClfConfig:
     return condition_config(cfg, Condition(name="_filter_reference", set=dict(cfg.reference)))
 
 
+def drawn_classes(cfg: StudyConfig) -> dict[str, int]:
+    """The samples stage's classes and counts: every rare class, and any other class ``generation.per_class_of`` names."""
+    rare = parse_classes(cfg.rare_classes)
+    extra = {c: n for c, n in cfg.generation.per_class_of.items() if c not in rare}
+    return {c: cfg.generation.per_class_of.get(c, cfg.generation.per_class) for c in rare} | extra
+
+
 def validate(cfg: StudyConfig) -> tuple[list[Condition], dict[str, float]]:
     """Check names and references between the study's parts; return the expanded conditions and sweep ratios."""
     parse_classes(cfg.rare_classes)
@@ -225,11 +234,10 @@ def validate(cfg: StudyConfig) -> tuple[list[Condition], dict[str, float]]:
         raise ConfigError("baselines: list at least one real-only condition to compare against")
     if cfg.primary not in names:
         raise ConfigError(f"primary: {cfg.primary!r} is not a condition; conditions: {names}")
-    bad_counts = {c: n for c, n in cfg.generation.per_class_of.items()
-                  if c not in parse_classes(cfg.rare_classes) or n < 1}
+    bad_counts = {c: n for c, n in cfg.generation.per_class_of.items() if c not in CLASSES or n < 1}
     if bad_counts:
-        raise ConfigError(f"generation.per_class_of: {bad_counts}: keys must be rare classes "
-                          f"({parse_classes(cfg.rare_classes)}), counts >= 1")
+        raise ConfigError(f"generation.per_class_of: {bad_counts}: keys must be classes ({list(CLASSES)}), "
+                          f"counts >= 1")
     unknown = sorted(set(cfg.quality_on) - {"samples", "filtered"})
     if unknown:
         raise ConfigError(f"quality_on: unknown set(s) {unknown}; use 'samples' and/or 'filtered'")

@@ -28,8 +28,8 @@ from dermsynth.data.prepare import prepare
 from dermsynth.data.split import make_split
 from dermsynth.data.toy import make_toy
 from dermsynth.experiments.aggregate import aggregate
-from dermsynth.experiments.config import (GenerationConfig, StudyConfig, condition_config, filter_twins,
-                                          reference_config, validate)
+from dermsynth.experiments.config import (GenerationConfig, StudyConfig, condition_config, drawn_classes,
+                                          expand_conditions, filter_twins, reference_config, validate)
 from dermsynth.experiments.units import Unit, UnitRunner
 from dermsynth.generate.config import GenConfig
 from dermsynth.generate.sample import generate
@@ -62,11 +62,10 @@ def _train_gen(cfg: GenConfig, out: Path, resume: bool) -> Path:
     return train_generator(cfg, out, resume="latest" if resume else None)
 
 
-def _generate(paths: StudyPaths, gen: GenerationConfig, rare: list[str]) -> Path:
+def _generate(paths: StudyPaths, gen: GenerationConfig, counts: dict[str, int]) -> Path:
     """The study's samples: one generate call per distinct count, into one folder (its manifest keeps every class)."""
-    counts = {c: gen.per_class_of.get(c, gen.per_class) for c in rare}
     for n in sorted(set(counts.values())):
-        generate(paths.generator, classes=",".join(c for c in rare if counts[c] == n), per_class=n,
+        generate(paths.generator, classes=",".join(c for c in counts if counts[c] == n), per_class=n,
                  out=paths.samples, sampler=gen.sampler, steps=gen.steps, guidance=gen.guidance, seed=gen.seed,
                  batch_size=gen.batch_size, checkpoint=gen.checkpoint)
     return paths.samples
@@ -140,9 +139,9 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
         ref = paths.reference_classifier
         units.append(_job_unit("reference", "reference classifier", ref, _hashable(rcfg), train_classifier, (rcfg, ref),
                                upstream=["split"], done_file="metrics.json"))
-        gen = cfg.generation
-        units.append(Unit("samples", "samples", paths.samples, {"generation": gen, "classes": rare},
-                          lambda resume: _generate(paths, gen, rare),
+        gen, drawn = cfg.generation, drawn_classes(cfg)
+        units.append(Unit("samples", "samples", paths.samples, {"generation": gen, "classes": list(drawn)},
+                          lambda resume: _generate(paths, gen, drawn),
                           upstream=["generator"], done_file="manifest.csv"))
         synthetic_src["unfiltered"] = ("samples", paths.samples / "manifest.csv")
 
@@ -238,7 +237,7 @@ def run_study(cfg: StudyConfig, out: str | Path) -> Path:
         t0 = time.perf_counter()
         q_path = paths.quality / "samples" / "quality.json"
         quality = json.loads(q_path.read_text()) if q_path.is_file() else None
-        conds = validate(cfg)[0]
+        conds = expand_conditions(cfg)[0]  # plan() validated the config already
         result = aggregate(paths.root, runs, cfg.baselines, cfg.primary, rare=parse_classes(cfg.rare_classes),
                            ratios=ratios, quality=quality, n_boot=cfg.n_boot, seed=0,
                            synthetic={c.name: c.synthetic for c in conds}, primary_from=cfg.primary_from,

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The synthetic-data levers of the HAM10000 study at CPU size (configs/ham10000_cpu.yaml, 3 seeds), all chosen among
+# on VALIDATION by the study itself (primary_from):
+#   - ratio: hybrid_oversample (filtered synthetic images + the oversampling baseline's sampler) at synthetic:real
+#     0.25, 0.5, 1 and 2 for each rare class, with oversampling as ratio 0. Enough samples are drawn for ratio 2
+#     after filtering (the config's 120 per class cap mel at a ratio of 0.14);
+#   - class: the same recipe with synthetic images of mel only, or of df and vasc only;
+#   - every class (second form): at ratio 0.25, synthetic images for all seven classes, not only the rare ones,
+#     beside the rare-only recipe on the same samples. Why: if "looks synthetic" is evidence for a rare class, real
+#     lesions of that class, which do not look synthetic, lose recall; with synthetic images in every class the look
+#     predicts nothing.
+#
+#   bash bench/cpu_levers.sh <study folder>      # resumes; a finished CPU study's folder (a copy) saves the real runs
+#   bash bench/cpu_levers.sh <another copy> all  # the every-class check
+#
+# About 55 min (first form) and 20 min (second) on 2 cores from a finished 3-seed CPU study.
+set -euo pipefail
+STUDY=${1:?usage: bash bench/cpu_levers.sh <study folder> [all]}
+PY=${PYTHON:-python3}
+if [[ ${2:-} == all ]]; then
+  $PY -m dermsynth study -c configs/ham10000_cpu.yaml --out "$STUDY" \
+    --set 'seeds=[0, 1, 2]' \
+    --set 'generation.per_class_of={df: 100, vasc: 60, mel: 250, nv: 1400, bkl: 260, bcc: 130, akiec: 90}' \
+    --set 'conditions=[
+      {name: real_effnet},
+      {name: oversampling, sampler: oversample},
+      {name: focal, loss: focal, set: {train.focal_alpha: balanced}},
+      {name: hybrid_oversample_r0.25, sampler: oversample, synthetic: filtered, ratio: 0.25},
+      {name: hybrid_oversample_all_r0.25, sampler: oversample, synthetic: filtered, ratio: 0.25,
+       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc]}}]' \
+    --set 'sweep={of: hybrid_oversample_r0.25, ratios: [], zero: ""}' \
+    --set 'primary=hybrid_oversample_r0.25' \
+    --set 'primary_from=[hybrid_oversample_r0.25, hybrid_oversample_all_r0.25]'
+  $PY bench/study_summary.py "$STUDY"
+  exit
+fi
+$PY -m dermsynth study -c configs/ham10000_cpu.yaml --out "$STUDY" \
+  --set 'seeds=[0, 1, 2]' \
+  --set 'generation.per_class_of={df: 400, vasc: 300, mel: 1700}' \
+  --set 'conditions=[
+    {name: real_effnet},
+    {name: oversampling, sampler: oversample},
+    {name: focal, loss: focal, set: {train.focal_alpha: balanced}},
+    {name: hybrid, loss: focal, set: {train.focal_alpha: balanced}, synthetic: filtered, ratio: 1.0},
+    {name: hybrid_oversample, sampler: oversample, synthetic: filtered, ratio: 1.0},
+    {name: hybrid_oversample_mel, sampler: oversample, synthetic: filtered, ratio: 1.0,
+     set: {data.synthetic_classes: [mel]}},
+    {name: hybrid_oversample_dfvasc, sampler: oversample, synthetic: filtered, ratio: 1.0,
+     set: {data.synthetic_classes: [df, vasc]}}]' \
+  --set 'sweep={of: hybrid_oversample, ratios: [0.25, 0.5, 1.0, 2.0], zero: oversampling}' \
+  --set 'primary_from=[hybrid, hybrid_oversample, hybrid_oversample_r0.25, hybrid_oversample_r0.5,
+    hybrid_oversample_r2, hybrid_oversample_mel, hybrid_oversample_dfvasc]'
+$PY bench/study_summary.py "$STUDY"
