@@ -17,37 +17,31 @@
 set -euo pipefail
 STUDY=${1:?usage: bash bench/cpu_levers.sh <study folder> [all]}
 PY=${PYTHON:-python3}
+# the real-only conditions of configs/ham10000_cpu.yaml, unchanged: their finished runs are reused
+REAL='{name: real_effnet}, {name: oversampling, sampler: oversample}, {name: focal, loss: focal, set: {train.focal_alpha: balanced}}'
+study() {
+  $PY -m dermsynth study -c configs/ham10000_cpu.yaml --out "$STUDY" --set 'seeds=[0, 1, 2]' "$@"
+  $PY bench/study_summary.py "$STUDY"
+}
 if [[ ${2:-} == all ]]; then
-  $PY -m dermsynth study -c configs/ham10000_cpu.yaml --out "$STUDY" \
-    --set 'seeds=[0, 1, 2]' \
-    --set 'generation.per_class_of={df: 100, vasc: 60, mel: 250, nv: 1400, bkl: 260, bcc: 130, akiec: 90}' \
-    --set 'conditions=[
-      {name: real_effnet},
-      {name: oversampling, sampler: oversample},
-      {name: focal, loss: focal, set: {train.focal_alpha: balanced}},
+  study --set 'generation.per_class_of={df: 100, vasc: 60, mel: 250, nv: 1400, bkl: 260, bcc: 130, akiec: 90}' \
+    --set "conditions=[$REAL,
       {name: hybrid_oversample_r0.25, sampler: oversample, synthetic: filtered, ratio: 0.25},
       {name: hybrid_oversample_all_r0.25, sampler: oversample, synthetic: filtered, ratio: 0.25,
-       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc]}}]' \
+       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc]}}]" \
     --set 'sweep={of: hybrid_oversample_r0.25, ratios: [], zero: ""}' \
     --set 'primary=hybrid_oversample_r0.25' \
     --set 'primary_from=[hybrid_oversample_r0.25, hybrid_oversample_all_r0.25]'
-  $PY bench/study_summary.py "$STUDY"
-  exit
+else
+  study --set 'generation.per_class_of={df: 400, vasc: 300, mel: 1700}' \
+    --set "conditions=[$REAL,
+      {name: hybrid, loss: focal, set: {train.focal_alpha: balanced}, synthetic: filtered, ratio: 1.0},
+      {name: hybrid_oversample, sampler: oversample, synthetic: filtered, ratio: 1.0},
+      {name: hybrid_oversample_mel, sampler: oversample, synthetic: filtered, ratio: 1.0,
+       set: {data.synthetic_classes: [mel]}},
+      {name: hybrid_oversample_dfvasc, sampler: oversample, synthetic: filtered, ratio: 1.0,
+       set: {data.synthetic_classes: [df, vasc]}}]" \
+    --set 'sweep={of: hybrid_oversample, ratios: [0.25, 0.5, 1.0, 2.0], zero: oversampling}' \
+    --set 'primary_from=[hybrid, hybrid_oversample, hybrid_oversample_r0.25, hybrid_oversample_r0.5,
+      hybrid_oversample_r2, hybrid_oversample_mel, hybrid_oversample_dfvasc]'
 fi
-$PY -m dermsynth study -c configs/ham10000_cpu.yaml --out "$STUDY" \
-  --set 'seeds=[0, 1, 2]' \
-  --set 'generation.per_class_of={df: 400, vasc: 300, mel: 1700}' \
-  --set 'conditions=[
-    {name: real_effnet},
-    {name: oversampling, sampler: oversample},
-    {name: focal, loss: focal, set: {train.focal_alpha: balanced}},
-    {name: hybrid, loss: focal, set: {train.focal_alpha: balanced}, synthetic: filtered, ratio: 1.0},
-    {name: hybrid_oversample, sampler: oversample, synthetic: filtered, ratio: 1.0},
-    {name: hybrid_oversample_mel, sampler: oversample, synthetic: filtered, ratio: 1.0,
-     set: {data.synthetic_classes: [mel]}},
-    {name: hybrid_oversample_dfvasc, sampler: oversample, synthetic: filtered, ratio: 1.0,
-     set: {data.synthetic_classes: [df, vasc]}}]' \
-  --set 'sweep={of: hybrid_oversample, ratios: [0.25, 0.5, 1.0, 2.0], zero: oversampling}' \
-  --set 'primary_from=[hybrid, hybrid_oversample, hybrid_oversample_r0.25, hybrid_oversample_r0.5,
-    hybrid_oversample_r2, hybrid_oversample_mel, hybrid_oversample_dfvasc]'
-$PY bench/study_summary.py "$STUDY"
