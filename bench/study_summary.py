@@ -83,10 +83,25 @@ def summary(study: Path, extra_quality: dict[str, Path] | None = None) -> str:
             lines.append(f"primary chosen on val: {a['primary']} (val macro-F1 "
                          + ", ".join(f"{c} {v:.3f}" for c, v in a["primary_val_macro_f1"].items()) + ")")
         lines += decision_lines(full)
+        lines += recall_lines(full, a.get("rare_classes", ["df", "vasc", "mel"]))
         lines += sweep_lines(study, full, a)
         lines += ensemble_lines(agg, a)
         lines += ranking(study, a)
     return "\n".join(lines)
+
+
+def recall_lines(table: pd.DataFrame, rare: list[str]) -> list[str]:
+    """Test recall / precision of each rare class per condition, means over seeds. Why: at CPU size, synthetic images
+    of a class lowered the recall of REAL lesions of that class and raised its precision (BENCHMARKS.md, the CPU
+    levers), a sign that the classifier ties the synthetic look to the class; this shows whether a study repeats it."""
+    t = table[table["part"] == "test"].set_index(["condition", "metric"])["mean"]
+    lines = ["rare classes on test, recall / precision (mean over seeds):"]
+    for cond in dict.fromkeys(table["condition"]):
+        parts = [f"{c} {t[(cond, f'recall_{c}')]:.2f} / {t[(cond, f'precision_{c}')]:.2f}" for c in rare
+                 if (cond, f"recall_{c}") in t.index and (cond, f"precision_{c}") in t.index]
+        if parts:
+            lines.append(f"  {cond:28s} " + "  ".join(parts))
+    return lines if len(lines) > 1 else []
 
 
 def sweep_lines(study: Path, table: pd.DataFrame, info: dict) -> list[str]:

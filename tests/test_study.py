@@ -269,6 +269,11 @@ def test_the_summary_script_reads_a_finished_study(finished):
     assert "hybrid - " in text and "real" in text
     assert "primary chosen on val" in text and "rare-class ranking" in text
     assert text.count("minority AUC") >= 5  # one line per condition (4) and the primary minus the others
+    table = pd.read_csv(StudyPaths(finished).aggregate / "table.csv").set_index(["condition", "part", "metric"])
+    recall = text[text.index("recall / precision"):].splitlines()[1:]
+    line = next(ln for ln in recall if ln.split()[0] == "hybrid")
+    assert (f"mel {table.loc[('hybrid', 'test', 'recall_mel'), 'mean']:.2f} / "
+            f"{table.loc[('hybrid', 'test', 'precision_mel'), 'mean']:.2f}") in line
     # the ratio sweep, in ratio order, with the synthetic images each run really used (ratio 0 uses none)
     sweep = text[text.index("ratio sweep"):].splitlines()[1:4]
     assert [ln.split()[2] for ln in sweep] == ["real", "hybrid", "hybrid_r2"]
