@@ -111,10 +111,10 @@ def sweep_lines(study: Path, table: pd.DataFrame, info: dict) -> list[str]:
     if len(ratios) < 2:
         return []
     t = table.set_index(["condition", "part", "metric"])["mean"]
-    lines = ["synthetic:real ratio sweep (synthetic images used per class in seed "
-             f"{min(min(v) for v in info['seeds'].values())}; means over seeds):"]
+    lines = ["synthetic:real ratio sweep (synthetic images used per class in each condition's first seed; means "
+             "over seeds):"]
     for cond, r in sorted(ratios.items(), key=lambda kv: kv[1]):
-        seeds = sorted(info.get("seeds", {}).get(cond, []))
+        seeds = sorted(info["seeds"].get(cond, []))
         m = _json(RunPaths(StudyPaths(study).classifier(cond, seeds[0])).metrics) if seeds else None
         per = ((m or {}).get("synthetic") or {}).get("per_class", {})
         used = ", ".join(f"{c} {v['used']}/{v['real']}" for c, v in sorted(per.items())) or "none"

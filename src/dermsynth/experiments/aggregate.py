@@ -77,12 +77,17 @@ def _flatten(part: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def collect_runs(runs: Mapping[str, Mapping[int, Path]]) -> pd.DataFrame:
-    """Long table (condition, seed, part, metric, value) from every run's metrics.json."""
+def read_runs(runs: Mapping[str, Mapping[int, Path]]) -> dict[str, dict[int, dict]]:
+    """condition -> seed -> the run's metrics.json, each file read once for every table of the stage."""
+    return {cond: {int(seed): _read_metrics(Path(run)) for seed, run in sorted(by_seed.items())}
+            for cond, by_seed in runs.items()}
+
+
+def collect_runs(metrics: Mapping[str, Mapping[int, dict]]) -> pd.DataFrame:
+    """Long table (condition, seed, part, metric, value) from every run's metrics (:func:`read_runs`)."""
     rows = []
-    for cond, by_seed in runs.items():
-        for seed, run in sorted(by_seed.items()):
-            m = _read_metrics(Path(run))
+    for cond, by_seed in metrics.items():
+        for seed, m in sorted(by_seed.items()):
             for part in ("test", "val"):
                 for metric, value in _flatten(m.get(part) or {}).items():
                     rows.append({"condition": cond, "seed": int(seed), "part": part, "metric": metric, "value": value})
@@ -231,12 +236,12 @@ def criteria_table(table: pd.DataFrame, primary: str, quality: Mapping[str, Any]
 # The stage
 # ----------------------------------------------------------------------------------------------------------------------
 
-def mean_confusions(runs: Mapping[str, Mapping[int, Path]]) -> dict[str, list[list[float]]]:
+def mean_confusions(metrics: Mapping[str, Mapping[int, dict]]) -> dict[str, list[list[float]]]:
     """Row-normalised test confusion matrix per condition, averaged over seeds (for the report)."""
     out = {}
-    for cond, by_seed in runs.items():
+    for cond, by_seed in metrics.items():
         mats = [np.asarray(m["test"]["confusion_norm"], dtype=np.float64)
-                for m in (_read_metrics(Path(r)) for r in by_seed.values()) if "confusion_norm" in m.get("test", {})]
+                for m in by_seed.values() if "confusion_norm" in m.get("test", {})]
         if mats:
             out[cond] = np.nan_to_num(np.mean(mats, axis=0)).tolist()
     return out
@@ -258,7 +263,8 @@ def aggregate(study: str | Path, runs: Mapping[str, Mapping[int, Path]], baselin
     unfiltered images, both recorded for the report.
     """
     out = StudyPaths(study).aggregate
-    long = collect_runs(runs)
+    metrics = read_runs(runs)
+    long = collect_runs(metrics)
     if long.empty:
         raise DataError(f"{study}: no finished classifier runs to aggregate")
     table = summarise(long)
@@ -293,9 +299,8 @@ def aggregate(study: str | Path, runs: Mapping[str, Mapping[int, Path]], baselin
         "filter_twins": dict(twins or {}),  # filtered condition -> its unfiltered twin (what the filter buys)
         "n_boot": n_boot,
         "ensemble_comparison": ensemble_comparison,  # primary's seed ensemble minus the best baseline's
-        "confusion_norm": mean_confusions(runs),
-        "train_counts": {c: _read_metrics(Path(by_seed[min(by_seed)])).get("train_counts", {})
-                         for c, by_seed in runs.items() if by_seed},
+        "confusion_norm": mean_confusions(metrics),
+        "train_counts": {c: by_seed[min(by_seed)].get("train_counts", {}) for c, by_seed in metrics.items() if by_seed},
         "classes": list(CLASSES),
     })
     return out
@@ -312,5 +317,5 @@ def load_aggregate(study: str | Path) -> dict[str, Any]:
             "ensembles": read("ensembles.csv")}
 
 
-__all__ = ["aggregate", "load_aggregate", "collect_runs", "summarise", "pick_on_validation", "compare",
+__all__ = ["aggregate", "load_aggregate", "read_runs", "collect_runs", "summarise", "pick_on_validation", "compare",
            "criteria_table", "find_fid", "SEED_CRITERIA", "Criterion", "BOOT_METRICS"]
