@@ -137,6 +137,34 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def changed_fields(cfg: Any) -> Any:
+    """Like :func:`to_dict`, but each dataclass keeps only the fields that differ from their defaults.
+
+    Why: a hash of this view stays the same when a release adds a config field whose default keeps the old
+    behaviour, so finished work is not redone after an upgrade. Plain dicts and lists are kept whole.
+    """
+    if dataclasses.is_dataclass(cfg):
+        out = {}
+        for f in dataclasses.fields(cfg):
+            v = getattr(cfg, f.name)
+            if v != _default_of(f):
+                out[f.name] = changed_fields(v)
+        return out
+    if isinstance(cfg, (list, tuple)):
+        return [changed_fields(x) for x in cfg]
+    if isinstance(cfg, dict):
+        return {k: changed_fields(x) for k, x in cfg.items()}
+    return str(cfg) if isinstance(cfg, Path) else cfg
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Overrides and files
 # ----------------------------------------------------------------------------------------------------------------------

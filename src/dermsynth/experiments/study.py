@@ -22,7 +22,7 @@ from typing import Any, Callable
 from dermsynth import __version__
 from dermsynth.classify.config import ClfConfig
 from dermsynth.classify.train import train_classifier
-from dermsynth.config import save_config, to_dict
+from dermsynth.config import save_config
 from dermsynth.data.labels import parse_classes
 from dermsynth.data.prepare import prepare
 from dermsynth.data.split import make_split
@@ -89,11 +89,9 @@ def _filter(paths: StudyPaths, cfg: StudyConfig, reference: Path, rare: list[str
     return out
 
 
-def _hashable(cfg: ClfConfig) -> dict:
+def _hashable(cfg: ClfConfig) -> ClfConfig:
     """A classifier config without the study-internal paths (they are covered by the upstream units' hashes)."""
-    d = to_dict(cfg)
-    d["data"]["split"] = d["data"]["synthetic"] = None
-    return d
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split=None, synthetic=None))
 
 
 def _data_unit(cfg: StudyConfig, paths: StudyPaths) -> tuple[Unit, Path]:
@@ -128,8 +126,7 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
     synthetic_src: dict[str, tuple[str, Path]] = {}
     if uses - {"none"}:
         gcfg = dataclasses.replace(cfg.generator, data=dataclasses.replace(cfg.generator.data, split=str(paths.split)))
-        g_hash = to_dict(gcfg)
-        g_hash["data"]["split"] = None
+        g_hash = dataclasses.replace(gcfg, data=dataclasses.replace(gcfg.data, split=None))
         units.append(_job_unit("generator", "generator", paths.generator, g_hash, _train_gen, (gcfg, paths.generator),
                                upstream=["split"], done_file="generator.json"))
         # the real-only reference classifier comes next: it needs only the split, so with study.workers > 1 it

@@ -8,6 +8,10 @@ units' hashes*, so a change anywhere reruns exactly the units downstream of it. 
     status "done"     written after the stage returned and its completion file exists: skipped on rerun
 
 A unit whose recorded hash differs from the current one is stale: its output folder is deleted and it starts fresh.
+The hash covers only the config fields that differ from their defaults (``changed_fields``): a release that adds a
+field whose default keeps the old behaviour leaves finished units valid. (Changing a default changes what a unit does
+without changing its hash: bump HASH_SCHEME then.) States written under the first scheme, which hashed every field,
+are carried over once when their hash matches that scheme's.
 Wall time per unit accumulates over resumes; ``timings.json`` sums it per stage.
 
 Units that carry a ``job`` (a picklable function and its arguments; the study gives every classifier unit one) may
@@ -33,7 +37,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from dermsynth.config import config_hash, to_dict
+from dermsynth.config import changed_fields, config_hash, to_dict
 from dermsynth.io import atomic_write_json
 from dermsynth.paths import StudyPaths
 from dermsynth.runlog import get_logger
@@ -69,9 +73,14 @@ def _run_job(fn: Callable[..., Any], args: tuple, resume: bool, threads: int) ->
     return time.perf_counter() - t0
 
 
-def unit_hash(unit: Unit, upstream_hashes: dict[str, str]) -> str:
-    return config_hash({"stage": unit.stage, "config": to_dict(unit.config),
-                        "upstream": {u: upstream_hashes[u] for u in sorted(unit.upstream)}})
+HASH_SCHEME = 2
+
+
+def unit_hash(unit: Unit, upstream_hashes: dict[str, str], scheme: int = HASH_SCHEME) -> str:
+    """The unit's config (its non-default fields) and its upstream units' hashes; scheme 1 hashed every field."""
+    payload = {"stage": unit.stage, "config": to_dict(unit.config) if scheme == 1 else changed_fields(unit.config),
+               "upstream": {u: upstream_hashes[u] for u in sorted(unit.upstream)}}
+    return config_hash(payload if scheme == 1 else {"scheme": scheme, **payload})
 
 
 def _fmt_s(s: float) -> str:
@@ -86,11 +95,25 @@ class UnitRunner:
         self.paths = StudyPaths(study)
         self.units = units
         hashes: dict[str, str] = {}
+        self._scheme1: dict[str, str] = {}
         for u in units:
             missing = [x for x in u.upstream if x not in hashes]
             if missing:
                 raise ValueError(f"unit {u.name!r} depends on {missing}, which do not come before it")
             u.hash = hashes[u.name] = unit_hash(u, hashes)
+            self._scheme1[u.name] = unit_hash(u, self._scheme1, scheme=1)
+
+    def carry_over(self) -> int:
+        """Re-record states written under hash scheme 1 whose config is unchanged; returns how many."""
+        n = 0
+        for u in self.units:
+            st = self.state(u)
+            if st and st.get("hash") == self._scheme1[u.name] != u.hash:
+                atomic_write_json(self.state_path(u), {**st, "hash": u.hash})
+                n += 1
+        if n:
+            log.info("%d unit record(s) carried over to the current config hash", n)
+        return n
 
     # ---- state ---------------------------------------------------------------------------------------------------
 
@@ -221,6 +244,7 @@ class UnitRunner:
         With ``workers`` > 1, consecutive units that carry a ``job`` and do not depend on each other run in that
         many processes at once.
         """
+        self.carry_over()
         todo = [u for u in self.units if not self.is_done(u)]
         skipped = len(self.units) - len(todo)
         if skipped:

@@ -1,0 +1,97 @@
+"""Unit hashes survive an upgrade that adds config fields: only non-default fields are hashed, and a study recorded
+under the first scheme (every field hashed) is carried over instead of rerun."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dermsynth.classify.config import ClfConfig
+from dermsynth.classify.train import _check_run_folder
+from dermsynth.config import ConfigError, changed_fields, to_dict
+from dermsynth.experiments.units import Unit, UnitRunner, unit_hash
+from dermsynth.paths import RunPaths
+
+
+@dataclass
+class _Inner:
+    lr: float = 1e-3
+    tags: list[str] = field(default_factory=lambda: ["a"])
+
+
+@dataclass
+class _Old:
+    steps: int = 10
+    inner: _Inner = field(default_factory=_Inner)
+
+
+@dataclass
+class _New(_Old):  # a later release: one more field whose default keeps the old behaviour
+    new_knob: int = 0
+
+
+def _unit(cfg: object, run=lambda resume: None, out: Path | None = None) -> Unit:
+    return Unit("u", "stage", out, cfg, run)
+
+
+def test_changed_fields_keeps_only_what_differs_from_the_defaults():
+    assert changed_fields(_Old()) == {}
+    assert changed_fields(_Old(inner=_Inner(tags=["a", "b"]))) == {"inner": {"tags": ["a", "b"]}}
+    assert changed_fields({"clf": _Old(steps=3), "synthetic": "filtered"}) == {"clf": {"steps": 3},
+                                                                              "synthetic": "filtered"}
+
+
+def test_a_new_field_at_its_default_leaves_the_hash_alone():
+    assert unit_hash(_unit(_Old(steps=3)), {}) == unit_hash(_unit(_New(steps=3)), {})
+    assert unit_hash(_unit(_Old(steps=3)), {}) != unit_hash(_unit(_New(steps=3, new_knob=1)), {})
+    assert unit_hash(_unit(_Old(steps=3)), {}) != unit_hash(_unit(_Old(steps=4)), {})
+    # the first scheme hashed every field: there the new field changed the hash
+    assert unit_hash(_unit(_Old()), {}, scheme=1) != unit_hash(_unit(_New()), {}, scheme=1)
+
+
+def _record(runner: UnitRunner, u: Unit, h: str) -> None:
+    runner.state_path(u).parent.mkdir(parents=True, exist_ok=True)
+    runner.state_path(u).write_text(json.dumps({"unit": u.name, "stage": u.stage, "hash": h, "status": "done",
+                                                "wall_s": 1.0}))
+
+
+def test_a_study_recorded_under_the_first_scheme_is_carried_over_not_rerun(tmp_path):
+    ran = []
+    up = Unit("up", "stage", None, _Old(steps=2), lambda resume: ran.append("up"))
+    down = Unit("down", "stage", None, {"clf": _Old(), "k": 1}, lambda resume: ran.append("down"), upstream=["up"])
+    runner = UnitRunner(tmp_path, [up, down])
+    old = {}
+    for u in (up, down):
+        old[u.name] = unit_hash(u, old, scheme=1)
+        _record(runner, u, old[u.name])
+    assert not runner.is_done(up)  # the new hash differs from the recorded one ...
+    runner.run_all()
+    assert ran == []  # ... but the record is carried over: nothing reran
+    assert json.loads(runner.state_path(down).read_text())["hash"] == down.hash
+    assert runner.carry_over() == 0  # once
+
+
+def test_a_record_of_another_config_is_still_stale(tmp_path):
+    ran = []
+    u = Unit("up", "stage", None, _Old(steps=2), lambda resume: ran.append("up"))
+    runner = UnitRunner(tmp_path, [u])
+    _record(runner, u, unit_hash(Unit("up", "stage", None, _Old(steps=3), u.run), {}, scheme=1))
+    runner.run_all()
+    assert ran == ["up"]
+
+
+def test_a_classifier_run_saved_before_a_field_existed_still_resumes(tmp_path):
+    cfg = ClfConfig()
+    cfg.data.split = "split.json"
+    paths = RunPaths(tmp_path / "run")
+    saved = to_dict(cfg)
+    del saved["train"]["label_smoothing"]  # as if written by a release without this field
+    paths.config.parent.mkdir(parents=True, exist_ok=True)
+    paths.config.write_text(yaml.safe_dump(saved))
+    assert _check_run_folder(cfg, paths, resume=True) is False  # no metrics.json yet: resume, no error
+    cfg.train.label_smoothing = 0.1  # a real change is still refused
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        _check_run_folder(cfg, paths, resume=True)
