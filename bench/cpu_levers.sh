@@ -10,10 +10,19 @@
 #     lesions of that class, which do not look synthetic, lose recall; with synthetic images in every class the look
 #     predicts nothing.
 #
+#   - real-only finish (third form, on the second form's folder): both ratio-0.25 recipes again, with their last
+#     epoch drawing real images only (train.real_only_last_epochs=1). Why: the synthetic look lowered recall on real
+#     lesions; a last epoch on real photos refits the decision to them and keeps what the features learned.
+#   - classifier strength (fourth form, same folder): 4 epochs instead of 2 for oversampling and for the every-class
+#     recipe with its real-only last epoch (the realend recipe the study chose on validation).
+#
 #   bash bench/cpu_levers.sh <study folder>      # resumes; a finished CPU study's folder (a copy) saves the real runs
 #   bash bench/cpu_levers.sh <another copy> all  # the every-class check
+#   bash bench/cpu_levers.sh <that copy> realend # the real-only finish
+#   bash bench/cpu_levers.sh <that copy> epochs4 # classifier strength
 #
-# About 55 min (first form) and 20 min (second) on 2 cores from a finished 3-seed CPU study.
+# About 55 min (first form), 20 min (second), 20 min (third) and 35 min (fourth) on 2 cores from a finished 3-seed
+# CPU study.
 set -euo pipefail
 STUDY=${1:?usage: bash bench/cpu_levers.sh <study folder> [all]}
 PY=${PYTHON:-python3}
@@ -23,15 +32,33 @@ study() {
   $PY -m dermsynth study -c configs/ham10000_cpu.yaml --out "$STUDY" --set 'seeds=[0, 1, 2]' "$@"
   $PY bench/study_summary.py "$STUDY"
 }
-if [[ ${2:-} == all ]]; then
-  study --set 'generation.per_class_of={df: 100, vasc: 60, mel: 250, nv: 1400, bkl: 260, bcc: 130, akiec: 90}' \
-    --set "conditions=[$REAL,
-      {name: hybrid_oversample_r0.25, sampler: oversample, synthetic: filtered, ratio: 0.25},
+ALL='{name: hybrid_oversample_r0.25, sampler: oversample, synthetic: filtered, ratio: 0.25},
       {name: hybrid_oversample_all_r0.25, sampler: oversample, synthetic: filtered, ratio: 0.25,
-       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc]}}]" \
+       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc]}}'
+if [[ ${2:-} == all || ${2:-} == realend || ${2:-} == epochs4 ]]; then
+  EXTRA=""
+  FROM="hybrid_oversample_r0.25, hybrid_oversample_all_r0.25"
+  if [[ ${2:-} == epochs4 ]]; then
+    REAL="$REAL,
+      {name: oversampling_e4, sampler: oversample, set: {train.epochs: 4}}"
+    EXTRA=',
+      {name: hybrid_oversample_all_r0.25_realend_e4, sampler: oversample, synthetic: filtered, ratio: 0.25,
+       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc], train.real_only_last_epochs: 1,
+             train.epochs: 4}}'
+    FROM="$FROM, hybrid_oversample_all_r0.25_realend_e4"
+  elif [[ ${2:-} == realend ]]; then
+    EXTRA=',
+      {name: hybrid_oversample_r0.25_realend, sampler: oversample, synthetic: filtered, ratio: 0.25,
+       set: {train.real_only_last_epochs: 1}},
+      {name: hybrid_oversample_all_r0.25_realend, sampler: oversample, synthetic: filtered, ratio: 0.25,
+       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc], train.real_only_last_epochs: 1}}'
+    FROM="$FROM, hybrid_oversample_r0.25_realend, hybrid_oversample_all_r0.25_realend"
+  fi
+  study --set 'generation.per_class_of={df: 100, vasc: 60, mel: 250, nv: 1400, bkl: 260, bcc: 130, akiec: 90}' \
+    --set "conditions=[$REAL, $ALL$EXTRA]" \
     --set 'sweep={of: hybrid_oversample_r0.25, ratios: [], zero: ""}' \
     --set 'primary=hybrid_oversample_r0.25' \
-    --set 'primary_from=[hybrid_oversample_r0.25, hybrid_oversample_all_r0.25]'
+    --set "primary_from=[$FROM]"
 else
   study --set 'generation.per_class_of={df: 400, vasc: 300, mel: 1700}' \
     --set "conditions=[$REAL,

@@ -30,6 +30,10 @@ def test_epoch_orders():
     assert np.array_equal(a, epoch_order(LABELS, epoch=3, seed=0))
     assert not np.array_equal(a, epoch_order(LABELS, epoch=4, seed=0))
     assert not np.array_equal(a, epoch_order(LABELS, epoch=3, seed=1))
+    long = epoch_order(LABELS, epoch=3, seed=0, n=250)  # more draws than rows: successive permutations
+    assert np.array_equal(long[:len(LABELS)], a) and sorted(long[100:200]) == list(range(100))
+    assert sorted(np.bincount(long, minlength=100)) == [2] * 50 + [3] * 50  # every row twice, half of them thrice
+    assert len(epoch_order(LABELS, 3, 0, "oversample", n=250)) == 250
     draws = np.concatenate([epoch_order(LABELS, e, 0, "oversample") for e in range(60)])
     freq = np.bincount(LABELS[draws], minlength=7)[[2, 3, 4, 5, 6]] / len(draws)
     assert np.allclose(freq, 0.2, atol=0.02)

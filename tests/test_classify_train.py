@@ -182,6 +182,40 @@ def test_early_stopping_and_extra_test_sets(toy_split, tmp_path):
     assert len(pd.read_csv(tmp_path / "run" / "predictions_again.csv")) == len(split.manifest)
 
 
+def test_real_only_last_epochs_draw_real_rows_only_and_early_stopping_skips_to_them(toy_split, tmp_path,
+                                                                                    monkeypatch):
+    import dermsynth.classify.train as train_mod
+
+    syn = _write_synthetic(tmp_path / "syn", {"df": 20, "vasc": 20, "mel": 20})
+    seen: list[np.ndarray] = []
+    epochs: list[int] = []
+    real_batch = train_mod._batch
+    monkeypatch.setattr(train_mod, "_batch", lambda images, labels, idx, *a: seen.append(idx) or
+                        real_batch(images, labels, idx, *a))
+    run = tmp_path / "run"
+    m = train_classifier(tiny_cfg(toy_split, f"data.synthetic={syn}", "train.epochs=2",
+                                  "train.real_only_last_epochs=1", "train.sampler=oversample"), run,
+                         on_step=lambda e, s, g: epochs.append(e))
+    is_syn = (pd.read_csv(run / "train_set.csv")["source"] == "synthetic").to_numpy()
+    per_epoch = [np.concatenate([b for b, e in zip(seen, epochs) if e == k]) for k in (0, 1)]
+    assert is_syn[per_epoch[0]].any() and not is_syn[per_epoch[1]].any()  # epoch 2: real rows only
+    assert len(per_epoch[0]) == len(per_epoch[1])  # same number of draws: the schedule's steps per epoch hold
+    assert m["real_only_from_epoch"] == 2
+
+    # early stopping before the real-only epochs (9-10) skips ahead to them
+    run2 = tmp_path / "run2"
+    m2 = train_classifier(tiny_cfg(toy_split, f"data.synthetic={syn}", "train.epochs=10", "train.patience=1",
+                                   "train.lr=1e-9", "train.real_only_last_epochs=2"), run2)
+    summary = pd.read_csv(run2 / "summary.csv")
+    ran, f1 = summary["epoch"].tolist(), summary["val_macro_f1"].tolist()
+    stop = next(i + 1 for i in range(1, len(f1)) if f1[i] <= max(f1[:i]))  # the rule: patience 1, strictly better
+    assert stop < 8 and ran[:stop] == list(range(1, stop + 1))
+    assert ran[stop] == 9 and ran[stop:] in ([9], [9, 10])
+    assert m2["epochs_run"] == len(ran) and m2["real_only_from_epoch"] == 9
+    with pytest.raises(ConfigError, match="real_only_last_epochs"):
+        train_classifier(tiny_cfg(toy_split, "train.epochs=2", "train.real_only_last_epochs=2"), tmp_path / "r3")
+
+
 def test_prior_shift_decision_is_fitted_on_val_and_scored_everywhere(toy_split, tmp_path):
     from sklearn.metrics import f1_score
 

@@ -238,6 +238,9 @@ def test_config_validation_names_the_problem():
     with pytest.raises(ConfigError, match="condition 'real'.*unknown"):
         validate(tiny("conditions=[{name: real, set: {train.nope: 1}}]", "sweep.ratios=[]", "primary=real",
                       "primary_from=[]"))
+    with pytest.raises(ConfigError, match="condition 'real'.*real_only_last_epochs"):  # caught before any work
+        validate(tiny("conditions=[{name: real, set: {train.real_only_last_epochs: 9}}]", "sweep.ratios=[]",
+                      "primary=real", "primary_from=[]"))
     conds, ratios = expand_conditions(load_config(StudyConfig, REPO / "configs" / "ham10000.yaml"))
     assert [c.name for c in conds][-4:] == ["hybrid_r0.25", "hybrid_r0.5", "hybrid_r2", "hybrid_r5"]
     assert ratios == {"focal": 0.0, "hybrid_r0.25": 0.25, "hybrid_r0.5": 0.5, "hybrid": 1.0, "hybrid_r2": 2.0,

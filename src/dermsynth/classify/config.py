@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dermsynth.classify.decision import DEFAULT_TAUS
+from dermsynth.config import ConfigError
 
 
 @dataclass
@@ -69,6 +70,12 @@ class TrainConfig:
     label_smoothing: float = 0.0
     sampler: Literal["plain", "oversample"] = "plain"
     oversample_power: float = 1.0  # sample weight 1 / n_class ** power (1 = every class equally likely)
+    # The last N epochs draw real images only (same epoch length, same sampler), after the earlier epochs learned
+    # from real + synthetic ones. Why: at CPU size the classifier tied the synthetic look to the classes that had
+    # synthetic images and lost recall on their real lesions; a real-only finish lets the features learned from the
+    # synthetic images stay while the decision is refitted to real photos. When early stopping fires before these
+    # epochs, the run skips ahead to them (the learning-rate schedule where they would have begun). 0 = off.
+    real_only_last_epochs: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     checkpoint_every: int = 1  # epochs
     checkpoint_minutes: float = 10.0  # also mid-epoch after this much time; <= 0 turns it off
@@ -105,3 +112,12 @@ class ClfConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def check_train(tc: TrainConfig) -> None:
+    """Refuse training settings that cannot run, before any work: a study checks every condition up front."""
+    if tc.epochs < 1 or tc.batch_size < 2:
+        raise ConfigError(f"train.epochs must be >= 1 and train.batch_size >= 2, got {tc.epochs}, {tc.batch_size}")
+    if not 0 <= tc.real_only_last_epochs < tc.epochs:
+        raise ConfigError(f"train.real_only_last_epochs must be in [0, train.epochs - 1] = [0, {tc.epochs - 1}] so "
+                          f"that some epochs see the synthetic images, got {tc.real_only_last_epochs}")

@@ -37,9 +37,13 @@ class ClfData:
     synthetic: dict = field(default_factory=dict)  # what was mixed in: per class real/ratio/available/used
     manifests: dict[str, pd.DataFrame] = field(default_factory=dict)  # full source manifests (cache units)
 
+    def synthetic_mask(self) -> np.ndarray:
+        """True for the training rows that are synthetic images."""
+        return (self.train["source"] == SYNTHETIC).to_numpy()
+
     def train_counts(self) -> dict[str, dict[str, int]]:
         """Per class, how many real and synthetic training images."""
-        syn = self.train["source"] == SYNTHETIC
+        syn = self.synthetic_mask()
         return {c: {"real": int(((self.train["label"] == c) & ~syn).sum()),
                     "synthetic": int(((self.train["label"] == c) & syn).sum())} for c in CLASSES}
 

@@ -22,16 +22,18 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def epoch_order(labels: np.ndarray, epoch: int, seed: int, sampler: str = "plain", power: float = 1.0) -> np.ndarray:
-    """Indices into the training rows for one epoch (len = number of rows).
+def epoch_order(labels: np.ndarray, epoch: int, seed: int, sampler: str = "plain", power: float = 1.0,
+                n: int | None = None) -> np.ndarray:
+    """Indices into the training rows for one epoch (``n`` of them; default: the number of rows).
 
-    plain: a permutation. oversample: draws with replacement by :func:`oversample_weights`, as
-    ``torch.utils.data.WeightedRandomSampler`` does.
+    plain: a permutation (successive permutations when ``n`` exceeds the rows). oversample: draws with replacement
+    by :func:`oversample_weights`, as ``torch.utils.data.WeightedRandomSampler`` does.
     """
     g = epoch_generator(seed, epoch)
-    n = len(labels)
+    m = len(labels)
+    n = m if n is None else n
     if sampler == "plain":
-        return torch.randperm(n, generator=g).numpy()
+        return torch.cat([torch.randperm(m, generator=g) for _ in range(-(-n // m))])[:n].numpy()
     if sampler == "oversample":
         w = torch.from_numpy(oversample_weights(labels, power))
         return torch.multinomial(w, n, replacement=True, generator=g).numpy()

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from dermsynth.classify.augment import augment_batch, normalize
 from dermsynth.device import to_device
-from dermsynth.classify.config import ClfConfig
+from dermsynth.classify.config import ClfConfig, check_train
 from dermsynth.classify.decision import decide, fit_decision
 from dermsynth.classify.data import ClfData, labels_of, load_clf_data, load_images, open_caches
 from dermsynth.classify.losses import build_loss
@@ -198,9 +198,7 @@ def train_classifier(cfg: ClfConfig, out: str | Path, resume: bool = False, *, o
     """
     paths = RunPaths(out)
     state, device = _processes(cfg.train.device)
-    if cfg.train.epochs < 1 or cfg.train.batch_size < 2:
-        raise ConfigError(f"train.epochs must be >= 1 and train.batch_size >= 2, got {cfg.train.epochs}, "
-                          f"{cfg.train.batch_size}")
+    check_train(cfg.train)
     main = state.is_main_process
     finished = _check_run_folder(cfg, paths, resume)  # every rank reads it before rank 0 writes config.yaml
     state.wait_for_everyone()
@@ -252,6 +250,10 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
              len(arrays["test"]), "GPU-resident" if resident else f"host memory -> {device}")
     y_np = labels_of(data.train)
     y_train = torch.from_numpy(y_np).to(device)
+    real_rows = np.flatnonzero(~data.synthetic_mask())
+    real_from = tc.epochs - tc.real_only_last_epochs if 0 < len(real_rows) < len(y_np) else tc.epochs
+    if real_from < tc.epochs:
+        log.info("epochs %d-%d draw the %d real training images only", real_from + 1, tc.epochs, len(real_rows))
 
     # --- model, optimiser, schedule, loss -------------------------------------------------------------------------
     torch.manual_seed(tc.seed)  # same initial weights on every rank and every run of this seed
@@ -299,8 +301,12 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
     bar = tqdm(total=tc.epochs * steps_per_epoch, initial=prog.global_step, desc="train-clf", disable=not main,
                leave=False)
     while prog.epoch < tc.epochs and not prog.stopped:
-        batches = shard_batches(epoch_order(y_np, prog.epoch, tc.seed, tc.sampler, tc.oversample_power),
-                                tc.batch_size, rank, world)
+        if prog.epoch < real_from:
+            order = epoch_order(y_np, prog.epoch, tc.seed, tc.sampler, tc.oversample_power)
+        else:  # as many draws as a full epoch, so the schedule's steps per epoch hold
+            order = real_rows[epoch_order(y_np[real_rows], prog.epoch, tc.seed, tc.sampler, tc.oversample_power,
+                                          n=len(y_np))]
+        batches = shard_batches(order, tc.batch_size, rank, world)
         model.train()
         t0 = time.monotonic()
         loss_sum = torch.tensor(prog.loss_sum, dtype=torch.float64, device=device)
@@ -351,6 +357,12 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
         log.info("epoch %d/%d: loss %.4f, val macro-F1 %.4f, balanced acc %.4f, minority F1 %.4f, %.0f img/s%s",
                  prog.epoch, tc.epochs, train_loss, vm["macro_f1"], vm["balanced_accuracy"], vm["minority_f1"],
                  row["img_s"], " (best)" if prog.best_epoch == prog.epoch else "")
+        if prog.stopped and prog.epoch < real_from < tc.epochs:  # a real-only phase is planned and not begun
+            log.info("early stop after epoch %d: skipping to the real-only epochs %d-%d", prog.epoch, real_from + 1,
+                     tc.epochs)
+            bar.update((real_from - prog.epoch) * steps_per_epoch)
+            prog.epoch, prog.global_step = real_from, real_from * steps_per_epoch
+            prog.bad_epochs, prog.stopped = 0, False
         if main:
             atomic_write_csv(paths.summary, pd.DataFrame(prog.history, columns=SUMMARY_COLUMNS))
             every = tc.checkpoint_every > 0 and prog.epoch % tc.checkpoint_every == 0
@@ -387,7 +399,8 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
         "decision": decision,
         "best_epoch": prog.best_epoch,
         "best_val_macro_f1": prog.best_f1,
-        "epochs_run": prog.epoch,
+        "epochs_run": len(prog.history),  # fewer than the last epoch's number when early stopping skipped ahead
+        "real_only_from_epoch": real_from + 1 if real_from < tc.epochs else None,
         "stopped_early": prog.stopped,
         "extra": {name: _score(data.extra[name], p, cfg, cfg.eval.n_boot, offsets) for name, p in extra_probs.items()},
         "wall_s": prog.wall_s + time.monotonic() - t_start,

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dermsynth.classify.config import ClfConfig
+from dermsynth.classify.config import ClfConfig, check_train
 from dermsynth.config import ConfigError, from_dict, to_dict
 from dermsynth.data.labels import CLASSES, parse_classes
 from dermsynth.data.split import SplitConfig
@@ -249,7 +249,11 @@ def validate(cfg: StudyConfig) -> tuple[list[Condition], dict[str, float]]:
         if by_name[p].synthetic == "none":
             raise ConfigError(f"primary_from: {p!r} uses no synthetic images; the primary is a synthetic recipe")
     for c in conds:
-        condition_config(cfg, c)  # every override must name a real classifier key and type-check
+        ccfg = condition_config(cfg, c)  # every override must name a real classifier key and type-check
+        try:
+            check_train(ccfg.train)  # ... and leave a config that can train
+        except ConfigError as e:
+            raise ConfigError(f"condition {c.name!r}: {e}") from e
     return conds, ratios
 
 

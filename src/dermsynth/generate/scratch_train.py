@@ -243,8 +243,10 @@ def _check_resumable(out: Path, ckpt: Path, cfg: GenConfig, fingerprint: str, sp
         raise DataError(f"{out} was trained on split {read_generator_info(out).get('split')}, not {split_path}; "
                         f"resume it with its own split or train a new run")
     now = to_dict(cfg)
-    changed = [f"model.{k}" for k in now["model"] if saved["config"]["model"].get(k) != now["model"][k]]
-    changed += [f"data.{k}" for k in ("image_size", "classes") if saved["config"]["data"].get(k) != now["data"][k]]
+    # a field the saved run does not know (added in a later release) counts at its default
+    was = {part: {**to_dict(type(cfg)())[part], **saved["config"][part]} for part in ("model", "data")}
+    changed = [f"model.{k}" for k in now["model"] if was["model"].get(k) != now["model"][k]]
+    changed += [f"data.{k}" for k in ("image_size", "classes") if was["data"].get(k) != now["data"][k]]
     if changed:
         raise DataError(f"cannot resume {ckpt}: {changed} differ from the run's own config ({out}/config.yaml); "
                         f"keep them or train a new run")

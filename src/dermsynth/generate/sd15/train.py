@@ -403,8 +403,9 @@ def _check_resume_config(run: RunPaths, cfg: Any) -> None:
         return
     saved = yaml.safe_load(run.config.read_text()) or {}
     new = to_dict(cfg)
-    diff = [k for k in set(new["sd"]) | set(saved.get("sd", {}))
-            if k not in RESUMABLE and new["sd"].get(k) != saved.get("sd", {}).get(k)]
+    # a field the saved run does not know (added in a later release) counts at its default
+    was = {**to_dict(type(cfg)())["sd"], **saved.get("sd", {})}
+    diff = [k for k in set(new["sd"]) | set(was) if k not in RESUMABLE and new["sd"].get(k) != was.get(k)]
     if saved.get("data", {}).get("split") != new["data"]["split"]:
         diff.append("data.split")
     if diff:

@@ -1,5 +1,6 @@
-"""Unit hashes survive an upgrade that adds config fields: only non-default fields are hashed, and a study recorded
-under the first scheme (every field hashed) is carried over instead of rerun."""
+"""A release that adds config fields keeps finished and interrupted work valid: unit hashes cover only non-default
+fields (and a study recorded under the first scheme, which hashed every field, is carried over instead of rerun), and
+a classifier or generator run saved before a field existed still resumes."""
 from __future__ import annotations
 
 import json
@@ -95,3 +96,39 @@ def test_a_classifier_run_saved_before_a_field_existed_still_resumes(tmp_path):
     cfg.train.label_smoothing = 0.1  # a real change is still refused
     with pytest.raises(ConfigError, match="label_smoothing"):
         _check_run_folder(cfg, paths, resume=True)
+
+
+def _drop(d: dict, part: str) -> tuple[dict, str]:
+    """d without one key of d[part] (as a release without that field would have saved it), and the key."""
+    key = sorted(d[part])[0]
+    return {**d, part: {k: v for k, v in d[part].items() if k != key}}, key
+
+
+def test_a_generator_checkpoint_saved_before_a_field_existed_still_resumes(tmp_path):
+    from dermsynth.io import DataError
+    from dermsynth.generate.config import GenConfig
+    from dermsynth.generate.scratch_train import STATE_JSON, _check_resumable
+
+    cfg = GenConfig()
+    saved, key = _drop(to_dict(cfg), "model")
+    (tmp_path / STATE_JSON).write_text(json.dumps({"split_fingerprint": "fp", "config": saved}))
+    _check_resumable(tmp_path, tmp_path, cfg, "fp", "split.json")  # the missing field counts at its default
+    setattr(cfg.model, key, "changed")
+    with pytest.raises(DataError, match=f"model.{key}"):
+        _check_resumable(tmp_path, tmp_path, cfg, "fp", "split.json")
+
+
+def test_an_sd15_run_saved_before_a_field_existed_still_resumes(tmp_path):
+    from dermsynth.generate.config import GenConfig
+    from dermsynth.generate.sd15.train import RESUMABLE, _check_resume_config
+
+    cfg = GenConfig()
+    run = RunPaths(tmp_path)
+    saved = to_dict(cfg)
+    key = sorted(k for k in saved["sd"] if k not in RESUMABLE)[0]
+    saved["sd"].pop(key)
+    run.config.write_text(yaml.safe_dump(saved))
+    _check_resume_config(run, cfg)
+    setattr(cfg.sd, key, "changed")
+    with pytest.raises(ConfigError, match=key):
+        _check_resume_config(run, cfg)
