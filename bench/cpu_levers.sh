@@ -15,14 +15,17 @@
 #     lesions; a last epoch on real photos refits the decision to them and keeps what the features learned.
 #   - classifier strength (fourth form, same folder): 4 epochs instead of 2 for oversampling and for the every-class
 #     recipe with its real-only last epoch (the realend recipe the study chose on validation).
+#   - generator quality (fifth form, on another copy of that folder): the generator trained 4x longer (2,400 steps),
+#     new samples, filter and quality, and the recipe chosen above (all-class, real-only last epoch, 2 epochs).
 #
 #   bash bench/cpu_levers.sh <study folder>      # resumes; a finished CPU study's folder (a copy) saves the real runs
 #   bash bench/cpu_levers.sh <another copy> all  # the every-class check
 #   bash bench/cpu_levers.sh <that copy> realend # the real-only finish
 #   bash bench/cpu_levers.sh <that copy> epochs4 # classifier strength
+#   bash bench/cpu_levers.sh <a copy of it> gen2400 # generator quality
 #
-# About 55 min (first form), 20 min (second), 20 min (third) and 35 min (fourth) on 2 cores from a finished 3-seed
-# CPU study.
+# About 55 min (first form), 20 min (second), 20 min (third), 35 min (fourth) and 35 min (fifth) on 2 cores from a
+# finished 3-seed CPU study.
 set -euo pipefail
 STUDY=${1:?usage: bash bench/cpu_levers.sh <study folder> [all]}
 PY=${PYTHON:-python3}
@@ -35,7 +38,16 @@ study() {
 ALL='{name: hybrid_oversample_r0.25, sampler: oversample, synthetic: filtered, ratio: 0.25},
       {name: hybrid_oversample_all_r0.25, sampler: oversample, synthetic: filtered, ratio: 0.25,
        set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc]}}'
-if [[ ${2:-} == all || ${2:-} == realend || ${2:-} == epochs4 ]]; then
+if [[ ${2:-} == gen2400 ]]; then
+  study --set 'generation.per_class_of={df: 100, vasc: 60, mel: 250, nv: 1400, bkl: 260, bcc: 130, akiec: 90}' \
+    --set generator.train.steps=2400 \
+    --set "conditions=[$REAL,
+      {name: hybrid_oversample_all_r0.25_realend, sampler: oversample, synthetic: filtered, ratio: 0.25,
+       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc], train.real_only_last_epochs: 1}}]" \
+    --set 'sweep={of: hybrid_oversample_all_r0.25_realend, ratios: [], zero: ""}' \
+    --set 'primary=hybrid_oversample_all_r0.25_realend' \
+    --set 'primary_from=[hybrid_oversample_all_r0.25_realend]'
+elif [[ ${2:-} == all || ${2:-} == realend || ${2:-} == epochs4 ]]; then
   EXTRA=""
   FROM="hybrid_oversample_r0.25, hybrid_oversample_all_r0.25"
   if [[ ${2:-} == epochs4 ]]; then
