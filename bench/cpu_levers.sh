@@ -17,12 +17,15 @@
 #     recipe with its real-only last epoch (the realend recipe the study chose on validation).
 #   - generator quality (fifth form, on another copy of that folder): the generator trained 4x longer (2,400 steps),
 #     new samples, filter and quality, and the recipe chosen above (all-class, real-only last epoch, 2 epochs).
+#     gen2400_e4 adds both 4-epoch recipes of the fourth form (copy its oversampling_e4 runs and their units/
+#     records into the folder first, and they are reused).
 #
 #   bash bench/cpu_levers.sh <study folder>      # resumes; a finished CPU study's folder (a copy) saves the real runs
 #   bash bench/cpu_levers.sh <another copy> all  # the every-class check
 #   bash bench/cpu_levers.sh <that copy> realend # the real-only finish
 #   bash bench/cpu_levers.sh <that copy> epochs4 # classifier strength
 #   bash bench/cpu_levers.sh <a copy of it> gen2400 # generator quality
+#   bash bench/cpu_levers.sh <that copy> gen2400_e4 # generator quality and 4 epochs
 #
 # About 55 min (first form), 20 min (second), 20 min (third), 35 min (fourth) and 35 min (fifth) on 2 cores from a
 # finished 3-seed CPU study.
@@ -38,15 +41,25 @@ study() {
 ALL='{name: hybrid_oversample_r0.25, sampler: oversample, synthetic: filtered, ratio: 0.25},
       {name: hybrid_oversample_all_r0.25, sampler: oversample, synthetic: filtered, ratio: 0.25,
        set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc]}}'
-if [[ ${2:-} == gen2400 ]]; then
+if [[ ${2:-} == gen2400 || ${2:-} == gen2400_e4 ]]; then
+  EXTRA=""
+  FROM="hybrid_oversample_all_r0.25_realend"
+  if [[ ${2:-} == gen2400_e4 ]]; then
+    EXTRA=',
+      {name: oversampling_e4, sampler: oversample, set: {train.epochs: 4}},
+      {name: hybrid_oversample_all_r0.25_realend_e4, sampler: oversample, synthetic: filtered, ratio: 0.25,
+       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc], train.real_only_last_epochs: 1,
+             train.epochs: 4}}'
+    FROM="$FROM, hybrid_oversample_all_r0.25_realend_e4"
+  fi
   study --set 'generation.per_class_of={df: 100, vasc: 60, mel: 250, nv: 1400, bkl: 260, bcc: 130, akiec: 90}' \
     --set generator.train.steps=2400 \
     --set "conditions=[$REAL,
       {name: hybrid_oversample_all_r0.25_realend, sampler: oversample, synthetic: filtered, ratio: 0.25,
-       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc], train.real_only_last_epochs: 1}}]" \
+       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc], train.real_only_last_epochs: 1}}$EXTRA]" \
     --set 'sweep={of: hybrid_oversample_all_r0.25_realend, ratios: [], zero: ""}' \
     --set 'primary=hybrid_oversample_all_r0.25_realend' \
-    --set 'primary_from=[hybrid_oversample_all_r0.25_realend]'
+    --set "primary_from=[$FROM]"
 elif [[ ${2:-} == all || ${2:-} == realend || ${2:-} == epochs4 ]]; then
   EXTRA=""
   FROM="hybrid_oversample_r0.25, hybrid_oversample_all_r0.25"
