@@ -30,7 +30,8 @@
 # About 55 min (first form), 20 min (second), 20 min (third), 35 min (fourth) and 35 min (fifth) on 2 cores from a
 # finished 3-seed CPU study.
 set -euo pipefail
-STUDY=${1:?usage: bash bench/cpu_levers.sh <study folder> [all]}
+FORMS="'' (ratio and class), all, realend, epochs4, gen2400, gen2400_e4"
+STUDY=${1:?usage: bash bench/cpu_levers.sh <study folder> [form: $FORMS]}
 PY=${PYTHON:-python3}
 # the real-only conditions of configs/ham10000_cpu.yaml, unchanged: their finished runs are reused
 REAL='{name: real_effnet}, {name: oversampling, sampler: oversample}, {name: focal, loss: focal, set: {train.focal_alpha: balanced}}'
@@ -38,54 +39,36 @@ study() {
   $PY -m dermsynth study -c configs/ham10000_cpu.yaml --out "$STUDY" --set 'seeds=[0, 1, 2]' "$@"
   $PY bench/study_summary.py "$STUDY"
 }
-ALL='{name: hybrid_oversample_r0.25, sampler: oversample, synthetic: filtered, ratio: 0.25},
-      {name: hybrid_oversample_all_r0.25, sampler: oversample, synthetic: filtered, ratio: 0.25,
-       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc]}}'
-if [[ ${2:-} == gen2400 || ${2:-} == gen2400_e4 ]]; then
-  EXTRA=""
-  FROM="hybrid_oversample_all_r0.25_realend"
-  if [[ ${2:-} == gen2400_e4 ]]; then
-    EXTRA=',
-      {name: oversampling_e4, sampler: oversample, set: {train.epochs: 4}},
-      {name: hybrid_oversample_all_r0.25_realend_e4, sampler: oversample, synthetic: filtered, ratio: 0.25,
-       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc], train.real_only_last_epochs: 1,
-             train.epochs: 4}}'
-    FROM="$FROM, hybrid_oversample_all_r0.25_realend_e4"
-  fi
-  study --set 'generation.per_class_of={df: 100, vasc: 60, mel: 250, nv: 1400, bkl: 260, bcc: 130, akiec: 90}' \
-    --set generator.train.steps=2400 \
-    --set "conditions=[$REAL,
-      {name: hybrid_oversample_all_r0.25_realend, sampler: oversample, synthetic: filtered, ratio: 0.25,
-       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc], train.real_only_last_epochs: 1}}$EXTRA]" \
-    --set 'sweep={of: hybrid_oversample_all_r0.25_realend, ratios: [], zero: ""}' \
-    --set 'primary=hybrid_oversample_all_r0.25_realend' \
-    --set "primary_from=[$FROM]"
-elif [[ ${2:-} == all || ${2:-} == realend || ${2:-} == epochs4 ]]; then
-  EXTRA=""
-  FROM="hybrid_oversample_r0.25, hybrid_oversample_all_r0.25"
-  if [[ ${2:-} == epochs4 ]]; then
-    REAL="$REAL,
-      {name: oversampling_e4, sampler: oversample, set: {train.epochs: 4}}"
-    EXTRA=',
-      {name: hybrid_oversample_all_r0.25_realend_e4, sampler: oversample, synthetic: filtered, ratio: 0.25,
-       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc], train.real_only_last_epochs: 1,
-             train.epochs: 4}}'
-    FROM="$FROM, hybrid_oversample_all_r0.25_realend_e4"
-  elif [[ ${2:-} == realend ]]; then
-    EXTRA=',
-      {name: hybrid_oversample_r0.25_realend, sampler: oversample, synthetic: filtered, ratio: 0.25,
-       set: {train.real_only_last_epochs: 1}},
-      {name: hybrid_oversample_all_r0.25_realend, sampler: oversample, synthetic: filtered, ratio: 0.25,
-       set: {data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc], train.real_only_last_epochs: 1}}'
-    FROM="$FROM, hybrid_oversample_r0.25_realend, hybrid_oversample_all_r0.25_realend"
-  fi
-  study --set 'generation.per_class_of={df: 100, vasc: 60, mel: 250, nv: 1400, bkl: 260, bcc: 130, akiec: 90}' \
-    --set "conditions=[$REAL, $ALL$EXTRA]" \
-    --set 'sweep={of: hybrid_oversample_r0.25, ratios: [], zero: ""}' \
-    --set 'primary=hybrid_oversample_r0.25' \
-    --set "primary_from=[$FROM]"
-else
-  study --set 'generation.per_class_of={df: 400, vasc: 300, mel: 1700}' \
+# the recipes of the later forms, each written once
+ALL_DRAW='generation.per_class_of={df: 100, vasc: 60, mel: 250, nv: 1400, bkl: 260, bcc: 130, akiec: 90}'
+SEVEN='data.synthetic_classes: [akiec, bcc, bkl, df, mel, nv, vasc]'
+R25='sampler: oversample, synthetic: filtered, ratio: 0.25'
+RARE_R25="{name: hybrid_oversample_r0.25, $R25}"
+ALL_R25="{name: hybrid_oversample_all_r0.25, $R25, set: {$SEVEN}}"
+RARE_END="{name: hybrid_oversample_r0.25_realend, $R25, set: {train.real_only_last_epochs: 1}}"
+ALL_END="{name: hybrid_oversample_all_r0.25_realend, $R25, set: {$SEVEN, train.real_only_last_epochs: 1}}"
+ALL_END_E4="{name: hybrid_oversample_all_r0.25_realend_e4, $R25,
+  set: {$SEVEN, train.real_only_last_epochs: 1, train.epochs: 4}}"
+OVER_E4='{name: oversampling_e4, sampler: oversample, set: {train.epochs: 4}}'
+every_class() {  # every_class CONDITIONS PRIMARY PRIMARY_FROM [--set ...]: a study on the every-class samples
+  local conds=$1 primary=$2 from=$3
+  shift 3
+  study --set "$ALL_DRAW" --set "conditions=[$REAL, $conds]" --set "sweep={of: $primary, ratios: [], zero: ''}" \
+    --set "primary=$primary" --set "primary_from=[$from]" "$@"
+}
+case ${2:-} in
+  all) every_class "$RARE_R25, $ALL_R25" hybrid_oversample_r0.25 \
+    "hybrid_oversample_r0.25, hybrid_oversample_all_r0.25" ;;
+  realend) every_class "$RARE_R25, $ALL_R25, $RARE_END, $ALL_END" hybrid_oversample_r0.25 \
+    "hybrid_oversample_r0.25, hybrid_oversample_all_r0.25, hybrid_oversample_r0.25_realend,
+     hybrid_oversample_all_r0.25_realend" ;;
+  epochs4) every_class "$OVER_E4, $RARE_R25, $ALL_R25, $ALL_END_E4" hybrid_oversample_r0.25 \
+    "hybrid_oversample_r0.25, hybrid_oversample_all_r0.25, hybrid_oversample_all_r0.25_realend_e4" ;;
+  gen2400) every_class "$ALL_END" hybrid_oversample_all_r0.25_realend hybrid_oversample_all_r0.25_realend \
+    --set generator.train.steps=2400 ;;
+  gen2400_e4) every_class "$ALL_END, $OVER_E4, $ALL_END_E4" hybrid_oversample_all_r0.25_realend \
+    "hybrid_oversample_all_r0.25_realend, hybrid_oversample_all_r0.25_realend_e4" --set generator.train.steps=2400 ;;
+  "") study --set 'generation.per_class_of={df: 400, vasc: 300, mel: 1700}' \
     --set "conditions=[$REAL,
       {name: hybrid, loss: focal, set: {train.focal_alpha: balanced}, synthetic: filtered, ratio: 1.0},
       {name: hybrid_oversample, sampler: oversample, synthetic: filtered, ratio: 1.0},
@@ -95,5 +78,6 @@ else
        set: {data.synthetic_classes: [df, vasc]}}]" \
     --set 'sweep={of: hybrid_oversample, ratios: [0.25, 0.5, 1.0, 2.0], zero: oversampling}' \
     --set 'primary_from=[hybrid, hybrid_oversample, hybrid_oversample_r0.25, hybrid_oversample_r0.5,
-      hybrid_oversample_r2, hybrid_oversample_mel, hybrid_oversample_dfvasc]'
-fi
+      hybrid_oversample_r2, hybrid_oversample_mel, hybrid_oversample_dfvasc]' ;;
+  *) echo "unknown form '$2'; forms: $FORMS" >&2; exit 2 ;;
+esac

@@ -211,7 +211,7 @@ def test_real_only_last_epochs_draw_real_rows_only_and_early_stopping_skips_to_t
     stop = next(i + 1 for i in range(1, len(f1)) if f1[i] <= max(f1[:i]))  # the rule: patience 1, strictly better
     assert stop < 8 and ran[:stop] == list(range(1, stop + 1))
     assert ran[stop] == 9 and ran[stop:] in ([9], [9, 10])
-    assert m2["epochs_run"] == len(ran) and m2["real_only_from_epoch"] == 9
+    assert m2["epochs_run"] == len(ran) and m2["real_only_from_epoch"] == 9 and m2["stopped_early"]
     with pytest.raises(ConfigError, match="real_only_last_epochs"):
         train_classifier(tiny_cfg(toy_split, "train.epochs=2", "train.real_only_last_epochs=2"), tmp_path / "r3")
 

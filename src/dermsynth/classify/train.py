@@ -401,7 +401,8 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
         "best_val_macro_f1": prog.best_f1,
         "epochs_run": len(prog.history),  # fewer than the last epoch's number when early stopping skipped ahead
         "real_only_from_epoch": real_from + 1 if real_from < tc.epochs else None,
-        "stopped_early": prog.stopped,
+        # early stopping fired: the run stopped, or it skipped ahead to its real-only epochs (fewer epochs ran)
+        "stopped_early": prog.stopped or len(prog.history) < prog.epoch,
         "extra": {name: _score(data.extra[name], p, cfg, cfg.eval.n_boot, offsets) for name, p in extra_probs.items()},
         "wall_s": prog.wall_s + time.monotonic() - t_start,
         "train_counts": counts,
