@@ -19,6 +19,10 @@
 #     new samples, filter and quality, and the recipe chosen above (all-class, real-only last epoch, 2 epochs).
 #     gen2400_e4 adds both 4-epoch recipes of the fourth form (copy its oversampling_e4 runs and their units/
 #     records into the folder first, and they are reused).
+#   - on that folder again: gen2400_rare_e4 adds the rare-only recipe (real-only last epoch, 4 epochs), which beat the
+#     every-class one on test at 2 epochs though validation chose the latter; gen2400_e6 adds 6 epochs for oversampling
+#     and for the every-class recipe. Why: at 4 epochs the better generator first lifted the synthetic recipe above
+#     oversampling; does the gap grow with a stronger classifier?
 #
 #   bash bench/cpu_levers.sh <study folder>      # resumes; a finished CPU study's folder (a copy) saves the real runs
 #   bash bench/cpu_levers.sh <another copy> all  # the every-class check
@@ -26,11 +30,13 @@
 #   bash bench/cpu_levers.sh <that copy> epochs4 # classifier strength
 #   bash bench/cpu_levers.sh <a copy of it> gen2400 # generator quality
 #   bash bench/cpu_levers.sh <that copy> gen2400_e4 # generator quality and 4 epochs
+#   bash bench/cpu_levers.sh <that copy> gen2400_rare_e4 # and the rare-only recipe at 4 epochs
+#   bash bench/cpu_levers.sh <that copy> gen2400_e6 # and 6 epochs
 #
 # About 55 min (first form), 20 min (second), 20 min (third), 35 min (fourth) and 35 min (fifth) on 2 cores from a
 # finished 3-seed CPU study.
 set -euo pipefail
-FORMS="'' (ratio and class), all, realend, epochs4, gen2400, gen2400_e4"
+FORMS="'' (ratio and class), all, realend, epochs4, gen2400, gen2400_e4, gen2400_rare_e4, gen2400_e6"
 STUDY=${1:?usage: bash bench/cpu_levers.sh <study folder> [form: $FORMS]}
 PY=${PYTHON:-python3}
 # the real-only conditions of configs/ham10000_cpu.yaml, unchanged: their finished runs are reused
@@ -49,7 +55,13 @@ RARE_END="{name: hybrid_oversample_r0.25_realend, $R25, set: {train.real_only_la
 ALL_END="{name: hybrid_oversample_all_r0.25_realend, $R25, set: {$SEVEN, train.real_only_last_epochs: 1}}"
 ALL_END_E4="{name: hybrid_oversample_all_r0.25_realend_e4, $R25,
   set: {$SEVEN, train.real_only_last_epochs: 1, train.epochs: 4}}"
+RARE_END_E4="{name: hybrid_oversample_r0.25_realend_e4, $R25, set: {train.real_only_last_epochs: 1, train.epochs: 4}}"
+ALL_END_E6="{name: hybrid_oversample_all_r0.25_realend_e6, $R25,
+  set: {$SEVEN, train.real_only_last_epochs: 1, train.epochs: 6}}"
 OVER_E4='{name: oversampling_e4, sampler: oversample, set: {train.epochs: 4}}'
+OVER_E6='{name: oversampling_e6, sampler: oversample, set: {train.epochs: 6}}'
+GEN2400_E4="$ALL_END, $OVER_E4, $ALL_END_E4"
+GEN2400_FROM='hybrid_oversample_all_r0.25_realend, hybrid_oversample_all_r0.25_realend_e4'
 every_class() {  # every_class CONDITIONS PRIMARY PRIMARY_FROM [--set ...]: a study on the every-class samples
   local conds=$1 primary=$2 from=$3
   shift 3
@@ -66,8 +78,13 @@ case ${2:-} in
     "hybrid_oversample_r0.25, hybrid_oversample_all_r0.25, hybrid_oversample_all_r0.25_realend_e4" ;;
   gen2400) every_class "$ALL_END" hybrid_oversample_all_r0.25_realend hybrid_oversample_all_r0.25_realend \
     --set generator.train.steps=2400 ;;
-  gen2400_e4) every_class "$ALL_END, $OVER_E4, $ALL_END_E4" hybrid_oversample_all_r0.25_realend \
-    "hybrid_oversample_all_r0.25_realend, hybrid_oversample_all_r0.25_realend_e4" --set generator.train.steps=2400 ;;
+  gen2400_e4) every_class "$GEN2400_E4" hybrid_oversample_all_r0.25_realend "$GEN2400_FROM" \
+    --set generator.train.steps=2400 ;;
+  gen2400_rare_e4) every_class "$GEN2400_E4, $RARE_END_E4" hybrid_oversample_all_r0.25_realend \
+    "$GEN2400_FROM, hybrid_oversample_r0.25_realend_e4" --set generator.train.steps=2400 ;;
+  gen2400_e6) every_class "$GEN2400_E4, $RARE_END_E4, $OVER_E6, $ALL_END_E6" hybrid_oversample_all_r0.25_realend \
+    "$GEN2400_FROM, hybrid_oversample_r0.25_realend_e4, hybrid_oversample_all_r0.25_realend_e6" \
+    --set generator.train.steps=2400 ;;
   "") study --set 'generation.per_class_of={df: 400, vasc: 300, mel: 1700}' \
     --set "conditions=[$REAL,
       {name: hybrid, loss: focal, set: {train.focal_alpha: balanced}, synthetic: filtered, ratio: 1.0},
