@@ -37,6 +37,8 @@ def test_quality_cli(setup):
     assert rc == 0
     q = json.loads((out / "quality.json").read_text())
     assert q["extractor"] == "lite0" and q["image_size"] == 64 and set(q["groups"]) == {"df", "vasc", "pooled"}
+    assert q["groups"]["pooled"]["classes"] == ["df", "vasc"]
+    assert "pooled df+vasc" in (out / "quality.html").read_text()
     for name, g in q["groups"].items():
         assert g["N"] == sum(g["draw_per_class"].values()) and g["N"] <= g["available"]["test"]
         for side in ("synthetic", "floor"):
@@ -50,6 +52,20 @@ def test_quality_cli(setup):
     for f in ("quality.html", "grid_df.png", "metrics_vs_floor.png", "closest_pairs.png", "config.yaml", "log.txt"):
         assert (out / f).is_file(), f
     assert "KID_lite0" in (out / "quality.html").read_text()
+
+
+def test_pooled_classes_choose_the_pooled_group_and_an_absent_class_is_refused(setup, capsys):
+    samples, split, _, tmp = setup
+    args = ["quality", "--samples", str(samples), "--split", str(split), *FAST, "--set", "repeats=2",
+            "--set", "memorisation.orbit=flip", "--set", "diversity_pairs=10"]
+    # one class pooled is no pool: only the per-class rows remain
+    assert main([*args, "--out", str(tmp / "q_df"), "--set", "pooled_classes=[df]"]) == 0
+    q = json.loads((tmp / "q_df" / "quality.json").read_text())
+    assert set(q["groups"]) == {"df", "vasc"} and q["groups"]["df"]["classes"] == ["df"]
+    assert main([*args, "--out", str(tmp / "q_mel"), "--set", "pooled_classes=[df, mel]"]) == 2
+    err = capsys.readouterr().err
+    assert "pooled_classes" in err and "'mel'" in err and str(samples) in err
+    assert not (tmp / "q_mel").exists()  # refused before anything is written
 
 
 def test_filter_cli(setup):

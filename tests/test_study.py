@@ -181,6 +181,19 @@ def _stale(study: Path, cfg: StudyConfig) -> set[str]:
     return {u.name for u in units if not runner.is_done(u)}
 
 
+def test_quality_pools_only_the_rare_classes_when_other_classes_are_drawn(tmp_path):
+    """An every-class draw must not turn the quality stage's pooled row into a pool of all seven classes; a rare-only
+    draw keeps the config (and so the unit hashes) it had."""
+    def quality_cfg(*overrides: str):
+        units, _, _ = plan(tiny(*overrides), tmp_path)
+        return {u.name: u for u in units}["quality/filtered"].config
+
+    assert quality_cfg().pooled_classes == []
+    assert quality_cfg("generation.per_class_of={df: 4, nv: 6}").pooled_classes == ["df", "vasc", "mel"]
+    assert quality_cfg("generation.per_class_of={nv: 6}", "quality.pooled_classes=[df, nv]").pooled_classes == [
+        "df", "nv"]
+
+
 def test_a_config_change_invalidates_exactly_its_downstream_units(finished, tmp_path, monkeypatch):
     assert _stale(finished, tiny()) == set()
     hybrids = {f"classifier/{c}/seed{s}" for c in ("hybrid", "hybrid_unfiltered", "hybrid_r2") for s in (0, 1)}

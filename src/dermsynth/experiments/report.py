@@ -24,6 +24,7 @@ from dermsynth.data.labels import CLASS_NAMES, CLASSES
 from dermsynth.experiments.aggregate import load_aggregate
 from dermsynth.experiments.stats import paired_t
 from dermsynth.io import DataError, atomic_write_bytes, atomic_write_text, load_image
+from dermsynth.metrics.quality import group_label
 from dermsynth.paths import RunPaths, StudyPaths
 
 NOTICE = ("Research use only, not for diagnosis. Synthetic images in this report are AI-generated and show no real "
@@ -345,7 +346,7 @@ def _quality(doc: Doc, paths: StudyPaths) -> None:
                 s, f, sd = v["synthetic"].get(m), v["floor"].get(m), v["synthetic"].get(m + "_std")
                 ratio = (f" (x{s / f:.1f})" if isinstance(s, (int, float)) and isinstance(f, (int, float)) and f > 0
                          and m.split("_")[0] in ("FD", "KID", "FID") else "")
-                row[f"{g} (N={v['N']})"] = f"{_f(s, 4)}{' ± ' + _f(sd, 4) if sd is not None else ''} | {_f(f, 4)}{ratio}"
+                row[f"{group_label(g, v)} (N={v['N']})"] = f"{_f(s, 4)}{' ± ' + _f(sd, 4) if sd is not None else ''} | {_f(f, 4)}{ratio}"
             rows.append(row)
         skipped = {g: v["skipped"] for g, v in q.get("groups", {}).items() if "skipped" in v}
         if rows:

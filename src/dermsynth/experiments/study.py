@@ -146,12 +146,15 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
                           lambda resume: _filter(paths, cfg, ref, rare),
                           upstream=["samples", "reference", "split"], done_file="manifest.csv"))
         synthetic_src["filtered"] = ("filter", paths.filtered / "manifest.csv")
+        # samples of classes that are not rare: the pooled row pools the rare ones only, as in a rare-only study
+        qcfg = cfg.quality
+        if not qcfg.pooled_classes and set(drawn) - set(rare):
+            qcfg = dataclasses.replace(qcfg, pooled_classes=list(rare))
         for which in cfg.quality_on:
             src_unit, src_manifest = synthetic_src["unfiltered" if which == "samples" else "filtered"]
             q_out = paths.quality / which
-            units.append(Unit(f"quality/{which}", "quality", q_out, cfg.quality,
-                              lambda resume, s=src_manifest.parent, o=q_out: run_quality(s, paths.split, cfg.quality,
-                                                                                         out=o),
+            units.append(Unit(f"quality/{which}", "quality", q_out, qcfg,
+                              lambda resume, s=src_manifest.parent, o=q_out: run_quality(s, paths.split, qcfg, out=o),
                               upstream=[src_unit, "split"], done_file="quality.json"))
 
     runs: dict[str, dict[int, Path]] = {}

@@ -1,7 +1,7 @@
 """``dermsynth quality``: how close are the synthetic images to real ones, measured against a real-vs-real floor.
 
-Per synthetic class and pooled over them, the synthetic images and, as the floor, real TRAIN images are each compared
-with real TEST images at the SAME N: both sides are subsampled to N = min(test, synthetic, train) images of the class
+Per synthetic class and pooled over them (or over ``pooled_classes``), the synthetic images and, as the floor, real
+TRAIN images are each compared with real TEST images at the SAME N: both sides are subsampled to N = min(test, synthetic, train) images of the class
 (pooled: drawn class by class in the test part's proportions), ``repeats`` times, and every number is the mean (and
 std) over those draws. A metric at N = 17 (dermatofibroma's test part) is biased; the floor at the same N shows how
 much of the number is that bias and how much is the generator. KID's unbiased estimator is the headline for small N.
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from dermsynth.config import save_config, to_dict
-from dermsynth.data.labels import CLASSES
+from dermsynth.data.labels import CLASSES, parse_classes
 from dermsynth.io import DataError, atomic_open, atomic_write_csv, atomic_write_json, atomic_write_text
 from dermsynth.metrics import distribution as dist
 from dermsynth.metrics.diversity import pairwise_diversity
@@ -43,6 +43,9 @@ class QualityConfig:
     reference: str = "test"  # the real part both synthetic and floor images are compared with
     floor_part: str = "train"  # the real part that plays "synthetic" for the floor
     max_n: int = 0  # cap on N per class (0: no cap)
+    # the classes of the "pooled" group; empty: every synthetic class. A study whose samples include classes that are
+    # not rare pools its rare classes only, so its pooled row compares with a rare-only study's
+    pooled_classes: list[str] = field(default_factory=list)
     repeats: int = 20  # random equal-N draws per number (mean and std are over draws)
     kid_subset_size: int = 1000  # KID subset size when N is larger than this
     prdc_k: int = 5  # k of the k-NN manifolds (capped at N - 1)
@@ -106,11 +109,17 @@ def run_quality(samples: str | Path, split: str | Path, cfg: QualityConfig | Non
     cfg = cfg or QualityConfig()
     samples = Path(samples)
     syn, sp = samples_on_split(samples, split)  # refuses a generator trained on another split, before any write
+    classes = [c for c in CLASSES if c in set(syn["label"])]  # canonical order
+    wanted = parse_classes(cfg.pooled_classes)
+    absent = sorted(set(wanted) - set(classes))
+    if absent:
+        raise DataError(f"quality.pooled_classes names {absent}, which {samples} has no synthetic image of "
+                        f"(its classes: {classes})")
+    pooled = [c for c in classes if c in wanted] if wanted else classes
     out = Path(out) if out is not None else default_out(samples, "quality")
     with run_log(out):
         t0 = time.time()
         save_config(cfg, out / "config.yaml")
-        classes = [c for c in CLASSES if c in set(syn["label"])]  # canonical order
         size = cfg.image_size or native_size(syn)
         train_all = sp.part(cfg.floor_part)
         ref_df = sp.part(cfg.reference)
@@ -133,11 +142,11 @@ def run_quality(samples: str | Path, split: str | Path, cfg: QualityConfig | Non
         train_cf = train_f[train_all["label"].isin(classes).to_numpy()]
         S, T, R = _by_class(syn, syn_f, classes), _by_class(train_c, train_cf, classes), _by_class(ref_df, ref_f, classes)
         groups: dict[str, dict] = {}
-        for gi, (name, cls) in enumerate([(c, [c]) for c in classes] + ([("pooled", classes)] if len(classes) > 1 else [])):
+        for gi, (name, cls) in enumerate([(c, [c]) for c in classes] + ([("pooled", pooled)] if len(pooled) > 1 else [])):
             counts = equal_n_counts({c: len(R[c]) for c in cls}, {c: len(S[c]) for c in cls},
                                     {c: len(T[c]) for c in cls}, max_n=cfg.max_n)
             n = sum(counts.values())
-            g: dict = {"N": n, "draw_per_class": counts,
+            g: dict = {"N": n, "classes": list(cls), "draw_per_class": counts,
                        "available": {"synthetic": sum(len(S[c]) for c in cls), cfg.floor_part: sum(len(T[c]) for c in cls),
                                      cfg.reference: sum(len(R[c]) for c in cls)}}
             if n < 2:
@@ -190,6 +199,11 @@ def run_quality(samples: str | Path, split: str | Path, cfg: QualityConfig | Non
         _page(out, result)
         log.info("quality written to %s (%.1f s)", path, result["wall_s"])
         return path
+
+
+def group_label(name: str, group: dict) -> str:
+    """A group's name for tables and figures; the pooled group names its classes (older files lack them)."""
+    return f"{name} {'+'.join(group['classes'])}" if name == "pooled" and group.get("classes") else name
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -247,7 +261,8 @@ def _figures(out: Path, result: dict, syn: pd.DataFrame, syn_img: np.ndarray, tr
             v = [result["groups"][g][key][m] for g in names]
             e = [result["groups"][g][key][m + "_std"] for g in names]
             ax.bar(x + off, v, 0.4, yerr=e, color=col, label=key if key == "synthetic" else "real-vs-real floor")
-        ax.set_xticks(x, [f"{g}\nN={result['groups'][g]['N']}" for g in names], fontsize=8)
+        ax.set_xticks(x, [f"{group_label(g, result['groups'][g])}\nN={result['groups'][g]['N']}" for g in names],
+                      fontsize=8)
         ax.set_title(f"{m} vs real {result['reference']} (lower is better)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -258,7 +273,8 @@ def _page(out: Path, result: dict) -> Path:
     """quality.html: one table (synthetic | floor per metric and group) and the figures."""
     groups = {g: v for g, v in result["groups"].items() if "synthetic" in v}
     metrics = sorted({m for v in groups.values() for m in v["synthetic"] if not m.endswith("_std")})
-    head = "".join(f"<th>{html.escape(g)} (N={v['N']})<br>synthetic | floor</th>" for g, v in groups.items())
+    head = "".join(f"<th>{html.escape(group_label(g, v))} (N={v['N']})<br>synthetic | floor</th>"
+                   for g, v in groups.items())
     body = ""
     for m in metrics:
         cells = ""
