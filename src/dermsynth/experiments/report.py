@@ -15,7 +15,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -426,31 +426,40 @@ def _results(doc: Doc, agg: dict) -> None:
                                   "best baseline is picked by validation macro-F1")
 
 
+def _condition_rows(doc: Doc, agg: dict, title: str, prose: str, row: Callable[[str], dict | None],
+                    caption: str) -> None:
+    """A section of one table with a row per condition (in the study's order; ``row`` returns None to leave one out)."""
+    doc.h(3, title)
+    doc.p(prose)
+    rows = [r for r in map(row, agg["info"]["conditions"]) if r is not None]
+    doc.table(pd.DataFrame(rows), caption)
+
+
 def _decision(doc: Doc, agg: dict) -> None:
     """What the validation-fitted decision rule changed, per condition (only when the runs used one)."""
     table = agg["table"]
     taus = table[(table["part"] == "val") & (table["metric"] == "decision_tau")]
     if not len(taus):
         return
-    doc.h(3, "The decision rule")
-    doc.p("Each classifier turns probabilities into a class with a prior shift: every class's log-probability moves by "
-          "-tau x log(its share of the real training images), with tau chosen per run on VALIDATION macro-F1 "
-          "(tau > 0 calls rare classes more often, tau < 0 less). Every number above uses these decisions; AUCs do "
-          "not depend on them. Below, test scores with plain argmax beside the rule's.")
-    rows = []
-    for cond in agg["info"]["conditions"]:
-        t = table[table["condition"] == cond]
-        tau = taus[taus["condition"] == cond]
+
+    def row(cond: str) -> dict | None:
+        t, tau = table[table["condition"] == cond], taus[taus["condition"] == cond]
         if not len(tau):
-            continue
-        row = {"condition": cond, "tau": f"{_signed(tau.iloc[0]['mean'], 2)} ± {_f(tau.iloc[0]['std'], 2)}"}
+            return None
+        out = {"condition": cond, "tau": f"{_signed(tau.iloc[0]['mean'], 2)} ± {_f(tau.iloc[0]['std'], 2)}"}
         for m, label in HEADLINE[:4]:
             a = t[(t["part"] == "test_argmax") & (t["metric"] == m)]
             r = t[(t["part"] == "test") & (t["metric"] == m)]
             if len(a) and len(r):
-                row[f"{label}: argmax -> rule"] = f"{_f(a.iloc[0]['mean'])} -> {_f(r.iloc[0]['mean'])}"
-        rows.append(row)
-    doc.table(pd.DataFrame(rows), "mean over seeds; tau mean ± std")
+                out[f"{label}: argmax -> rule"] = f"{_f(a.iloc[0]['mean'])} -> {_f(r.iloc[0]['mean'])}"
+        return out
+
+    _condition_rows(doc, agg, "The decision rule",
+                    "Each classifier turns probabilities into a class with a prior shift: every class's log-probability "
+                    "moves by -tau x log(its share of the real training images), with tau chosen per run on VALIDATION "
+                    "macro-F1 (tau > 0 calls rare classes more often, tau < 0 less). Every number above uses these "
+                    "decisions; AUCs do not depend on them. Below, test scores with plain argmax beside the rule's.",
+                    row, "mean over seeds; tau mean ± std")
 
 
 def _ensembles(doc: Doc, agg: dict) -> None:
@@ -458,23 +467,24 @@ def _ensembles(doc: Doc, agg: dict) -> None:
     ens = agg.get("ensembles")
     if ens is None or not len(ens):
         return
-    doc.h(3, "Seed ensembles")
-    doc.p("Each condition's seeds averaged into one classifier (the mean of their probabilities, decisions by the "
-          "runs' rule refitted on the ensemble's validation probabilities), scored once on test: the strongest model "
-          "a recipe yields, for as many times the inference. The tables above judge one training run; this one "
-          "judges what a user would deploy.")
-    rows = []
-    for cond in agg["info"]["conditions"]:
+
+    def row(cond: str) -> dict | None:
         e = ens[ens["condition"] == cond].set_index("metric")
         if not len(e):
-            continue
-        row = {"condition": cond, "seeds": int(e["n_seeds"].iloc[0]), "tau": _signed(float(e["tau"].iloc[0]), 2)}
+            return None
+        out = {"condition": cond, "seeds": int(e["n_seeds"].iloc[0]), "tau": _signed(float(e["tau"].iloc[0]), 2)}
         for m, label in HEADLINE:
             if m in e.index:
                 r = e.loc[m]
-                row[label] = f"{_f(r['value'])} [{_f(r['ci_lo'])}, {_f(r['ci_hi'])}]"
-        rows.append(row)
-    doc.table(pd.DataFrame(rows), "test part; [95 % lesion-bootstrap interval]")
+                out[label] = f"{_f(r['value'])} [{_f(r['ci_lo'])}, {_f(r['ci_hi'])}]"
+        return out
+
+    _condition_rows(doc, agg, "Seed ensembles",
+                    "Each condition's seeds averaged into one classifier (the mean of their probabilities, decisions by "
+                    "the runs' rule refitted on the ensemble's validation probabilities), scored once on test: the "
+                    "strongest model a recipe yields, for as many times the inference. The tables above judge one "
+                    "training run; this one judges what a user would deploy.",
+                    row, "test part; [95 % lesion-bootstrap interval]")
     comp = agg["info"].get("ensemble_comparison") or {}
     for m in ("macro_f1", "minority_f1", "minority_auc"):
         d = comp.get("metrics", {}).get(m)
