@@ -4,6 +4,7 @@ a classifier or generator run saved before a field existed still resumes."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,3 +133,31 @@ def test_an_sd15_run_saved_before_a_field_existed_still_resumes(tmp_path):
     setattr(cfg.sd, key, "changed")
     with pytest.raises(ConfigError, match=key):
         _check_resume_config(run, cfg)
+
+
+def test_a_run_saved_with_a_field_this_release_lacks_is_refused_naming_the_file(tmp_path):
+    """The other direction: a key the dataclass no longer has cannot be read at its default. Each resume check names
+    the file that holds it."""
+    from dermsynth.generate.config import GenConfig
+    from dermsynth.generate.scratch_train import STATE_JSON, _check_resumable
+    from dermsynth.generate.sd15.train import _check_resume_config
+
+    cfg = GenConfig()
+    saved = to_dict(cfg)
+    saved["model"]["retired_knob"] = 1
+    (tmp_path / STATE_JSON).write_text(json.dumps({"split_fingerprint": "fp", "config": saved}))
+    with pytest.raises(ConfigError, match=rf"{STATE_JSON}: unknown config key\(s\) \['retired_knob'\] in 'model'.*"
+                                          "start a new run"):
+        _check_resumable(tmp_path, tmp_path, cfg, "fp", "split.json")
+    run = RunPaths(tmp_path / "sd")
+    run.config.parent.mkdir(parents=True)
+    run.config.write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match=f"{re.escape(str(run.config))}: unknown config key.*retired_knob"):
+        _check_resume_config(run, cfg)
+    clf = to_dict(ClfConfig())
+    clf["train"]["retired_knob"] = 1
+    paths = RunPaths(tmp_path / "clf")
+    paths.config.parent.mkdir(parents=True)
+    paths.config.write_text(yaml.safe_dump(clf))
+    with pytest.raises(ConfigError, match=f"{re.escape(str(paths.config))}: unknown config key.*retired_knob"):
+        _check_run_folder(ClfConfig(), paths, resume=True)

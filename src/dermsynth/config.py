@@ -120,6 +120,16 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     return cls(**kwargs)
 
 
+def read_saved(cls: type[T], data: dict, source: str | Path) -> T:
+    """A config saved beside a run, read through ``cls``: a field the file lacks takes its default (the run predates
+    it); a key ``cls`` no longer has is refused with the file named, since the run was made by another release."""
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}. This run was saved by a dermsynth release whose settings differ from this "
+                          "one; continue it with that release, or start a new run") from e
+
+
 def to_dict(cfg: Any) -> dict:
     """Plain-YAML-able dict of a dataclass config (tuples become lists, Paths strings)."""
 
@@ -205,7 +215,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = loaded
-    merged = to_dict(from_dict(cls, data))  # validates the file alone first: errors name the file's keys
+    try:  # validates the file alone first: errors name the file and its keys
+        merged = to_dict(from_dict(cls, data))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
     for item in overrides:
         key, value = parse_override(item)
         _check_key(cls, key)

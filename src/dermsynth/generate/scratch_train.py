@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from dermsynth import __version__
-from dermsynth.config import ConfigError, from_dict, save_config, to_dict
+from dermsynth.config import ConfigError, read_saved, save_config, to_dict
 from dermsynth.data.cache import build_cache
 from dermsynth.data.labels import CLASSES, parse_classes
 from dermsynth.data.split import load_split
@@ -244,7 +244,7 @@ def _check_resumable(out: Path, ckpt: Path, cfg: GenConfig, fingerprint: str, sp
                         f"resume it with its own split or train a new run")
     now = to_dict(cfg)
     # read through the dataclass: a field the saved run does not know (added in a later release) takes its default
-    was = to_dict(from_dict(type(cfg), saved["config"]))
+    was = to_dict(read_saved(type(cfg), saved["config"], ckpt / STATE_JSON))
     changed = [f"model.{k}" for k in now["model"] if was["model"].get(k) != now["model"][k]]
     changed += [f"data.{k}" for k in ("image_size", "classes") if was["data"].get(k) != now["data"][k]]
     if changed:

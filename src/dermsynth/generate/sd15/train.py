@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from dermsynth.config import ConfigError, from_dict, save_config, to_dict
+from dermsynth.config import ConfigError, read_saved, save_config, to_dict
 from dermsynth.data.labels import CLASS_NAMES, parse_classes
 from dermsynth.data.split import Split, load_split
 from dermsynth.generate.sd15 import adapters
@@ -404,7 +404,7 @@ def _check_resume_config(run: RunPaths, cfg: Any) -> None:
     saved = yaml.safe_load(run.config.read_text()) or {}
     new = to_dict(cfg)
     # read through the dataclass: a field the saved run does not know (added in a later release) takes its default
-    was = to_dict(from_dict(type(cfg), saved))["sd"]
+    was = to_dict(read_saved(type(cfg), saved, run.config))["sd"]
     diff = [k for k in set(new["sd"]) | set(was) if k not in RESUMABLE and new["sd"].get(k) != was.get(k)]
     if saved.get("data", {}).get("split") != new["data"]["split"]:
         diff.append("data.split")
