@@ -21,8 +21,8 @@
 #     records into the folder first, and they are reused).
 #   - on that folder again: gen2400_rare_e4 adds the rare-only recipe (real-only last epoch, 4 epochs), which beat the
 #     every-class one on test at 2 epochs though validation chose the latter; gen2400_e6 adds 6 epochs for oversampling
-#     and for the every-class recipe. Why: at 4 epochs the better generator first lifted the synthetic recipe above
-#     oversampling; does the gap grow with a stronger classifier?
+#     and for both recipes. Why: at 4 epochs the better generator first lifted the synthetic recipes above
+#     oversampling; does the gap grow with a stronger classifier? The longer oversampling runs join the baselines.
 #
 #   bash bench/cpu_levers.sh <study folder>      # resumes; a finished CPU study's folder (a copy) saves the real runs
 #   bash bench/cpu_levers.sh <another copy> all  # the every-class check
@@ -58,10 +58,14 @@ ALL_END_E4="{name: hybrid_oversample_all_r0.25_realend_e4, $R25,
 RARE_END_E4="{name: hybrid_oversample_r0.25_realend_e4, $R25, set: {train.real_only_last_epochs: 1, train.epochs: 4}}"
 ALL_END_E6="{name: hybrid_oversample_all_r0.25_realend_e6, $R25,
   set: {$SEVEN, train.real_only_last_epochs: 1, train.epochs: 6}}"
+RARE_END_E6="{name: hybrid_oversample_r0.25_realend_e6, $R25, set: {train.real_only_last_epochs: 1, train.epochs: 6}}"
 OVER_E4='{name: oversampling_e4, sampler: oversample, set: {train.epochs: 4}}'
 OVER_E6='{name: oversampling_e6, sampler: oversample, set: {train.epochs: 6}}'
 GEN2400_E4="$ALL_END, $OVER_E4, $ALL_END_E4"
 GEN2400_FROM='hybrid_oversample_all_r0.25_realend, hybrid_oversample_all_r0.25_realend_e4'
+# the longer-trained oversampling runs are baselines too: a recipe is compared with the cheap one of its own budget
+# when validation prefers that one
+BASE_E4='baselines=[oversampling, focal, oversampling_e4]'
 every_class() {  # every_class CONDITIONS PRIMARY PRIMARY_FROM [--set ...]: a study on the every-class samples
   local conds=$1 primary=$2 from=$3
   shift 3
@@ -79,12 +83,13 @@ case ${2:-} in
   gen2400) every_class "$ALL_END" hybrid_oversample_all_r0.25_realend hybrid_oversample_all_r0.25_realend \
     --set generator.train.steps=2400 ;;
   gen2400_e4) every_class "$GEN2400_E4" hybrid_oversample_all_r0.25_realend "$GEN2400_FROM" \
-    --set generator.train.steps=2400 ;;
+    --set generator.train.steps=2400 --set "$BASE_E4" ;;
   gen2400_rare_e4) every_class "$GEN2400_E4, $RARE_END_E4" hybrid_oversample_all_r0.25_realend \
-    "$GEN2400_FROM, hybrid_oversample_r0.25_realend_e4" --set generator.train.steps=2400 ;;
-  gen2400_e6) every_class "$GEN2400_E4, $RARE_END_E4, $OVER_E6, $ALL_END_E6" hybrid_oversample_all_r0.25_realend \
-    "$GEN2400_FROM, hybrid_oversample_r0.25_realend_e4, hybrid_oversample_all_r0.25_realend_e6" \
-    --set generator.train.steps=2400 ;;
+    "$GEN2400_FROM, hybrid_oversample_r0.25_realend_e4" --set generator.train.steps=2400 --set "$BASE_E4" ;;
+  gen2400_e6) every_class "$GEN2400_E4, $RARE_END_E4, $OVER_E6, $ALL_END_E6, $RARE_END_E6" \
+    hybrid_oversample_all_r0.25_realend "$GEN2400_FROM, hybrid_oversample_r0.25_realend_e4,
+    hybrid_oversample_all_r0.25_realend_e6, hybrid_oversample_r0.25_realend_e6" --set generator.train.steps=2400 \
+    --set 'baselines=[oversampling, focal, oversampling_e4, oversampling_e6]' ;;
   "") study --set 'generation.per_class_of={df: 400, vasc: 300, mel: 1700}' \
     --set "conditions=[$REAL,
       {name: hybrid, loss: focal, set: {train.focal_alpha: balanced}, synthetic: filtered, ratio: 1.0},

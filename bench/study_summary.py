@@ -1,6 +1,7 @@
 """Print a study's headline numbers as short plain-text tables (what a GPU round prints last).
 
     python bench/study_summary.py <study folder>
+    python bench/study_summary.py <study folder> --pair A:B --pair <other folder>::A:B   # paired differences
 
 Reads only what the study wrote: timings.json, filter/filter.json, quality/*/quality.json, aggregate/*.csv|json,
 and each classifier's predictions.csv, from which it rescores how well the rare classes are *ranked* (one-vs-rest
@@ -18,6 +19,7 @@ import pandas as pd
 from dermsynth.data.labels import CLASSES
 from dermsynth.experiments.stats import lesion_bootstrap_diff
 from dermsynth.metrics.classification import classification_metrics
+from dermsynth.metrics.quality import group_label
 from dermsynth.paths import RunPaths, StudyPaths
 
 METRICS = ("macro_f1", "minority_f1", "balanced_accuracy", "accuracy", "minority_auc")
@@ -32,10 +34,11 @@ def quality_lines(label: str, q: dict | None) -> list[str]:
     lines: list[str] = []
     for c, g in (q or {}).get("groups", {}).items():
         if "synthetic" not in g:
-            lines.append(f"quality[{label}] {c:16s} not measured: {g.get('skipped') or g.get('reason') or g}")
+            lines.append(f"quality[{label}] {group_label(c, g):16s} not measured: "
+                         f"{g.get('skipped') or g.get('reason') or g}")
             continue
         s, fl, e = g["synthetic"], g["floor"], q["extractor"]
-        lines.append(f"quality[{label}] {c:16s} N={g['N']:4d}  FD_{e} {s[f'FD_{e}']:8.1f} +- {s[f'FD_{e}_std']:5.1f} "
+        lines.append(f"quality[{label}] {group_label(c, g):16s} N={g['N']:4d}  FD_{e} {s[f'FD_{e}']:8.1f} +- {s[f'FD_{e}_std']:5.1f} "
                      f"vs floor {fl[f'FD_{e}']:7.1f} ({s[f'FD_{e}'] / fl[f'FD_{e}']:.2f}x)  KID {s[f'KID_{e}']:.4f} vs "
                      f"floor {fl[f'KID_{e}']:.4f}  precision {s[f'precision_{e}']:.2f} recall {s[f'recall_{e}']:.2f}")
     return lines
@@ -161,14 +164,23 @@ def decision_lines(table: pd.DataFrame) -> list[str]:
     return lines
 
 
+def predictions(study: Path, cond: str, seeds: list[int]) -> list[pd.DataFrame] | None:
+    """The test predictions.csv of each seed of a condition, or None when one is missing. Runs are found in this
+    folder (it may have been moved since it ran)."""
+    files = [RunPaths(StudyPaths(study).classifier(cond, s)).predictions for s in sorted(seeds)]
+    if not files or not all(f.is_file() for f in files):
+        return None
+    return [pd.read_csv(f, dtype={"image_id": str, "group_id": str}) for f in files]
+
+
 def ranking(study: Path, info: dict, n_boot: int = 1000) -> list[str]:
     """Rare-class one-vs-rest AUC per condition from predictions.csv, and the primary minus every other condition."""
     rare = info.get("rare_classes", ["df", "vasc", "mel"])
     preds: dict[str, list[pd.DataFrame]] = {}
-    for cond, seeds in info.get("seeds", {}).items():  # runs are found in this folder (it may have been moved)
-        files = [RunPaths(StudyPaths(study).classifier(cond, s)).predictions for s in sorted(seeds)]
-        if files and all(f.is_file() for f in files):
-            preds[cond] = [pd.read_csv(f, dtype={"image_id": str, "group_id": str}) for f in files]
+    for cond, seeds in info.get("seeds", {}).items():
+        found = predictions(study, cond, seeds)
+        if found is not None:
+            preds[cond] = found
     if not preds:
         return []
     lines = ["rare-class ranking on test (one-vs-rest AUC, mean over seeds; threshold-free):"]
@@ -185,13 +197,44 @@ def ranking(study: Path, info: dict, n_boot: int = 1000) -> list[str]:
     return lines
 
 
+def pair_lines(study: Path, spec: str, n_boot: int = 1000) -> list[str]:
+    """Paired lesion-bootstrap differences A - B on test for ``spec`` = "[folder::]A:B" (A and B conditions of the
+    same seeds; A may come from another study folder on the same split, e.g. the same recipe on other samples)."""
+    where, _, pair = spec.rpartition("::")
+    a, sep, b = pair.partition(":")
+    if not sep or not a or not b:
+        raise SystemExit(f"--pair {spec!r}: expected A:B or FOLDER::A:B")
+    folder_a = Path(where) if where else study
+    sides = []
+    for folder, cond in ((folder_a, a), (study, b)):
+        info = _json(folder / "aggregate" / "aggregate.json") or {}
+        seeds = (info.get("seeds") or {}).get(cond)
+        found = predictions(folder, cond, seeds) if seeds else None
+        if found is None:
+            raise SystemExit(f"--pair {spec!r}: {folder} has no finished runs of condition {cond!r} "
+                             f"(its conditions: {sorted(info.get('seeds') or {})})")
+        sides.append((info, found))
+    (info_a, pa), (info_b, pb) = sides
+    if sorted(info_a["seeds"][a]) != sorted(info_b["seeds"][b]):
+        raise SystemExit(f"--pair {spec!r}: the seeds differ ({info_a['seeds'][a]} against {info_b['seeds'][b]})")
+    rare = info_b.get("rare_classes", ["df", "vasc", "mel"])
+    d = lesion_bootstrap_diff(pa, pb, rare=rare, n_boot=n_boot)
+    label = f"{where + '::' if where else ''}{a} - {b}"
+    return [f"{label}, test, {len(pa)} seeds paired (lesion bootstrap 95 %, {n_boot} replicates):"] + [
+        f"  {m:18s} {d[m]['diff']:+.3f} [{d[m]['lo']:+.3f}, {d[m]['hi']:+.3f}]" for m in METRICS if m in d]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", type=Path)
     p.add_argument("--quality", action="append", default=[], metavar="LABEL=PATH",
                    help="another quality.json to list beside the study's (e.g. samples of another sampler)")
+    p.add_argument("--pair", action="append", default=[], metavar="[FOLDER::]A:B",
+                   help="print the paired lesion-bootstrap difference A - B on test (A from FOLDER if given)")
     a = p.parse_args()
     print(summary(a.study, dict(q.split("=", 1) for q in a.quality)))
+    for spec in a.pair:
+        print("\n".join(pair_lines(a.study, spec)))
 
 
 if __name__ == "__main__":

@@ -325,3 +325,23 @@ def test_the_softness_shortcut_check_scores_sharp_and_soft_test_images(finished)
         assert 0 <= r[part]["common_called_rare"] <= 1 and 0 <= r[part]["common_mean_p_rare"] <= 1
     same = mod.shortcut(run, labels, sharp, sharp, ["df", "vasc", "mel"])
     assert same["sharp"] == same["soft"]
+
+
+def test_the_summary_script_pairs_two_conditions(finished):
+    """--pair A:B: a condition against itself differs by exactly 0; across folders the syntax FOLDER::A:B reads A
+    there; an unknown condition is refused with the conditions that exist."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_summary", REPO / "bench" / "study_summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    same = mod.pair_lines(finished, "hybrid:hybrid", n_boot=50)
+    assert same[0].startswith("hybrid - hybrid, test, 2 seeds paired")
+    assert all(ln.split()[1:] == ["+0.000", "[+0.000,", "+0.000]"] for ln in same[1:]) and len(same) == 6
+    lines = mod.pair_lines(finished, f"{finished}::hybrid:real", n_boot=50)
+    macro = next(ln for ln in lines if ln.split()[0] == "macro_f1")
+    table = pd.read_csv(StudyPaths(finished).aggregate / "table.csv").set_index(["condition", "part", "metric"])
+    diff = table.loc[("hybrid", "test", "macro_f1"), "mean"] - table.loc[("real", "test", "macro_f1"), "mean"]
+    assert float(macro.split()[1]) == pytest.approx(diff, abs=1.5e-3)  # the observed difference is the seeds' mean
+    with pytest.raises(SystemExit, match="no finished runs of condition 'nope'.*'hybrid'"):
+        mod.pair_lines(finished, "nope:real")
