@@ -34,7 +34,7 @@
 #   bash bench/cpu_levers.sh <that copy> gen2400_e6 # and 6 epochs
 #
 # About 55 min (first form), 20 min (second), 20 min (third), 35 min (fourth) and 35 min (fifth) on 2 cores from a
-# finished 3-seed CPU study.
+# finished 3-seed CPU study; then 18 min (gen2400_e4), 15 min (gen2400_rare_e4) and 67 min (gen2400_e6).
 set -euo pipefail
 FORMS="'' (ratio and class), all, realend, epochs4, gen2400, gen2400_e4, gen2400_rare_e4, gen2400_e6"
 STUDY=${1:?usage: bash bench/cpu_levers.sh <study folder> [form: $FORMS]}
