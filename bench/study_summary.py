@@ -38,7 +38,8 @@ def quality_lines(label: str, q: dict | None) -> list[str]:
                          f"{g.get('skipped') or g.get('reason') or g}")
             continue
         s, fl, e = g["synthetic"], g["floor"], q["extractor"]
-        lines.append(f"quality[{label}] {group_label(c, g):16s} N={g['N']:4d}  FD_{e} {s[f'FD_{e}']:8.1f} +- {s[f'FD_{e}_std']:5.1f} "
+        lines.append(f"quality[{label}] {group_label(c, g):16s} N={g['N']:4d}  "
+                     f"FD_{e} {s[f'FD_{e}']:8.1f} +- {s[f'FD_{e}_std']:5.1f} "
                      f"vs floor {fl[f'FD_{e}']:7.1f} ({s[f'FD_{e}'] / fl[f'FD_{e}']:.2f}x)  KID {s[f'KID_{e}']:.4f} vs "
                      f"floor {fl[f'KID_{e}']:.4f}  precision {s[f'precision_{e}']:.2f} recall {s[f'recall_{e}']:.2f}")
     return lines

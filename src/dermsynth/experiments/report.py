@@ -346,7 +346,8 @@ def _quality(doc: Doc, paths: StudyPaths) -> None:
                 s, f, sd = v["synthetic"].get(m), v["floor"].get(m), v["synthetic"].get(m + "_std")
                 ratio = (f" (x{s / f:.1f})" if isinstance(s, (int, float)) and isinstance(f, (int, float)) and f > 0
                          and m.split("_")[0] in ("FD", "KID", "FID") else "")
-                row[f"{group_label(g, v)} (N={v['N']})"] = f"{_f(s, 4)}{' ± ' + _f(sd, 4) if sd is not None else ''} | {_f(f, 4)}{ratio}"
+                spread = f" ± {_f(sd, 4)}" if sd is not None else ""
+                row[f"{group_label(g, v)} (N={v['N']})"] = f"{_f(s, 4)}{spread} | {_f(f, 4)}{ratio}"
             rows.append(row)
         skipped = {g: v["skipped"] for g, v in q.get("groups", {}).items() if "skipped" in v}
         if rows:
@@ -455,10 +456,11 @@ def _decision(doc: Doc, agg: dict) -> None:
         return out
 
     _condition_rows(doc, agg, "The decision rule",
-                    "Each classifier turns probabilities into a class with a prior shift: every class's log-probability "
-                    "moves by -tau x log(its share of the real training images), with tau chosen per run on VALIDATION "
-                    "macro-F1 (tau > 0 calls rare classes more often, tau < 0 less). Every number above uses these "
-                    "decisions; AUCs do not depend on them. Below, test scores with plain argmax beside the rule's.",
+                    "Each classifier turns probabilities into a class with a prior shift: every class's "
+                    "log-probability moves by -tau x log(its share of the real training images), with tau chosen per "
+                    "run on VALIDATION macro-F1 (tau > 0 calls rare classes more often, tau < 0 less). Every number "
+                    "above uses these decisions; AUCs do not depend on them. Below, test scores with plain argmax "
+                    "beside the rule's.",
                     row, "mean over seeds; tau mean ± std")
 
 
@@ -480,8 +482,8 @@ def _ensembles(doc: Doc, agg: dict) -> None:
         return out
 
     _condition_rows(doc, agg, "Seed ensembles",
-                    "Each condition's seeds averaged into one classifier (the mean of their probabilities, decisions by "
-                    "the runs' rule refitted on the ensemble's validation probabilities), scored once on test: the "
+                    "Each condition's seeds averaged into one classifier (the mean of their probabilities, decisions "
+                    "by the runs' rule refitted on the ensemble's validation probabilities), scored once on test: the "
                     "strongest model a recipe yields, for as many times the inference. The tables above judge one "
                     "training run; this one judges what a user would deploy.",
                     row, "test part; [95 % lesion-bootstrap interval]")

@@ -1,10 +1,11 @@
 """``dermsynth quality``: how close are the synthetic images to real ones, measured against a real-vs-real floor.
 
 Per synthetic class and pooled over them (or over ``pooled_classes``), the synthetic images and, as the floor, real
-TRAIN images are each compared with real TEST images at the SAME N: both sides are subsampled to N = min(test, synthetic, train) images of the class
-(pooled: drawn class by class in the test part's proportions), ``repeats`` times, and every number is the mean (and
-std) over those draws. A metric at N = 17 (dermatofibroma's test part) is biased; the floor at the same N shows how
-much of the number is that bias and how much is the generator. KID's unbiased estimator is the headline for small N.
+TRAIN images are each compared with real TEST images at the SAME N: both sides are subsampled to N = min(test,
+synthetic, train) images of the class (pooled: drawn class by class in the test part's proportions), ``repeats``
+times, and every number is the mean (and std) over those draws. A metric at N = 17 (dermatofibroma's test part) is
+biased; the floor at the same N shows how much of the number is that bias and how much is the generator. KID's
+unbiased estimator is the headline for small N.
 
 Synthetic images are compared with real images at the synthetic images' own resolution (real ones are downsized to
 it), so resolution alone does not separate them. Every number is named by its extractor (FD_lite0, KID_lite0; FID and
@@ -142,7 +143,8 @@ def run_quality(samples: str | Path, split: str | Path, cfg: QualityConfig | Non
         train_cf = train_f[train_all["label"].isin(classes).to_numpy()]
         S, T, R = _by_class(syn, syn_f, classes), _by_class(train_c, train_cf, classes), _by_class(ref_df, ref_f, classes)
         groups: dict[str, dict] = {}
-        for gi, (name, cls) in enumerate([(c, [c]) for c in classes] + ([("pooled", pooled)] if len(pooled) > 1 else [])):
+        todo = [(c, [c]) for c in classes] + ([("pooled", pooled)] if len(pooled) > 1 else [])
+        for gi, (name, cls) in enumerate(todo):
             counts = equal_n_counts({c: len(R[c]) for c in cls}, {c: len(S[c]) for c in cls},
                                     {c: len(T[c]) for c in cls}, max_n=cfg.max_n)
             n = sum(counts.values())
