@@ -32,11 +32,13 @@
 #   bash bench/cpu_levers.sh <that copy> gen2400_e4 # generator quality and 4 epochs
 #   bash bench/cpu_levers.sh <that copy> gen2400_rare_e4 # and the rare-only recipe at 4 epochs
 #   bash bench/cpu_levers.sh <that copy> gen2400_e6 # and 6 epochs
+#   bash bench/cpu_levers.sh <a copy of it> gen2400_e6_seeds5 # seeds 3 and 4 for 6-epoch oversampling and all-class
 #
 # About 55 min (first form), 20 min (second), 20 min (third), 35 min (fourth) and 35 min (fifth) on 2 cores from a
 # finished 3-seed CPU study; then 18 min (gen2400_e4), 15 min (gen2400_rare_e4) and 67 min (gen2400_e6).
 set -euo pipefail
-FORMS="'' (ratio and class), all, realend, epochs4, gen2400, gen2400_e4, gen2400_rare_e4, gen2400_e6"
+FORMS="'' (ratio and class), all, realend, epochs4, gen2400, gen2400_e4, gen2400_rare_e4, gen2400_e6,
+  gen2400_e6_seeds5"
 STUDY=${1:?usage: bash bench/cpu_levers.sh <study folder> [form: $FORMS]}
 PY=${PYTHON:-python3}
 # the real-only conditions of configs/ham10000_cpu.yaml, unchanged: their finished runs are reused
@@ -90,6 +92,11 @@ case ${2:-} in
     hybrid_oversample_all_r0.25_realend "$GEN2400_FROM, hybrid_oversample_r0.25_realend_e4,
     hybrid_oversample_all_r0.25_realend_e6, hybrid_oversample_r0.25_realend_e6" --set generator.train.steps=2400 \
     --set 'baselines=[oversampling, focal, oversampling_e4, oversampling_e6]' ;;
+  # two more seeds (3 and 4) for the pair that gen2400_e6's validation chose, alone in the folder's aggregate
+  gen2400_e6_seeds5) study --set "$ALL_DRAW" --set generator.train.steps=2400 --set 'seeds=[0, 1, 2, 3, 4]' \
+    --set "conditions=[$OVER_E6, $ALL_END_E6]" --set 'baselines=[oversampling_e6]' \
+    --set "sweep={of: hybrid_oversample_all_r0.25_realend_e6, ratios: [], zero: ''}" \
+    --set primary=hybrid_oversample_all_r0.25_realend_e6 --set 'primary_from=[hybrid_oversample_all_r0.25_realend_e6]' ;;
   "") study --set 'generation.per_class_of={df: 400, vasc: 300, mel: 1700}' \
     --set "conditions=[$REAL,
       {name: hybrid, loss: focal, set: {train.focal_alpha: balanced}, synthetic: filtered, ratio: 1.0},
