@@ -35,7 +35,8 @@
 #   bash bench/cpu_levers.sh <a copy of it> gen2400_e6_seeds5 # seeds 3 and 4 for 6-epoch oversampling and all-class
 #
 # About 55 min (first form), 20 min (second), 20 min (third), 35 min (fourth) and 35 min (fifth) on 2 cores from a
-# finished 3-seed CPU study; then 18 min (gen2400_e4), 15 min (gen2400_rare_e4) and 67 min (gen2400_e6).
+# finished 3-seed CPU study; then 18 min (gen2400_e4), 15 min (gen2400_rare_e4), 67 min (gen2400_e6) and 32 min
+# (gen2400_e6_seeds5).
 set -euo pipefail
 FORMS="'' (ratio and class), all, realend, epochs4, gen2400, gen2400_e4, gen2400_rare_e4, gen2400_e6,
   gen2400_e6_seeds5"
