@@ -40,7 +40,7 @@ from dermsynth.classify.losses import build_loss
 from dermsynth.classify.models import Normalize, build_model
 from dermsynth.classify.predict import BEST_META, BEST_WEIGHTS, autocast, predict_probs
 from dermsynth.classify.sampling import epoch_order, shard_batches
-from dermsynth.config import ConfigError, config_hash, load_config, save_config, to_dict
+from dermsynth.config import ConfigError, config_hash, read_saved, read_yaml, save_config, to_dict
 from dermsynth.data.labels import CLASSES
 from dermsynth.io import atomic_open, atomic_write_bytes, atomic_write_csv, atomic_write_json
 from dermsynth.metrics.classification import classification_metrics
@@ -119,7 +119,7 @@ def _check_run_folder(cfg: ClfConfig, paths: RunPaths, resume: bool) -> bool:
         raise ConfigError(f"{paths.root} already holds a classifier run; pass --resume to continue it, or choose "
                           f"another --out")
     # read through the dataclass: a field added in a later release takes its default, which keeps the old behaviour
-    saved = _flat(to_dict(load_config(ClfConfig, paths.config)))
+    saved = _flat(to_dict(read_saved(ClfConfig, read_yaml(paths.config), paths.config)))
     now = _flat(to_dict(cfg))
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:

@@ -23,10 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import yaml
 from tqdm.auto import tqdm
 
-from dermsynth.config import ConfigError, read_saved, save_config, to_dict
+from dermsynth.config import ConfigError, read_saved, read_yaml, save_config, to_dict
 from dermsynth.data.labels import CLASS_NAMES, parse_classes
 from dermsynth.data.split import Split, load_split
 from dermsynth.generate.sd15 import adapters
@@ -401,7 +400,7 @@ def _check_resume_config(run: RunPaths, cfg: Any) -> None:
     """A resumed run must learn the same thing: only the RESUMABLE settings may differ from the saved config."""
     if not run.config.is_file():
         return
-    saved = yaml.safe_load(run.config.read_text()) or {}
+    saved = read_yaml(run.config)
     new = to_dict(cfg)
     # read through the dataclass: a field the saved run does not know (added in a later release) takes its default
     was = to_dict(read_saved(type(cfg), saved, run.config))["sd"]
