@@ -19,6 +19,14 @@
 #     new samples, filter and quality, and the recipe chosen above (all-class, real-only last epoch, 2 epochs).
 #     gen2400_e4 adds both 4-epoch recipes of the fourth form (copy its oversampling_e4 runs and their units/
 #     records into the folder first, and they are reused).
+#   - other settings (gen2400_e6_with KEY=VALUE ..., on a copy of the gen2400_e6 folder): the 6-epoch pair validation
+#     chose, 3 seeds, with settings changed; the units they invalidate rerun, the rest (the generator, the
+#     oversampling runs) are reused. Measured with it:
+#       generation.guidance=1.0 / 3.0: the samples drawn at classifier-free guidance 1 or 3 instead of 2. Why:
+#         guidance trades diversity for class fidelity; the filter drops unfaithful images, so lower guidance may
+#         give the classifier more varied rare lesions, higher guidance more typical ones.
+#       filter.class_prob_quantile=0.5: a stricter filter (a synthetic image must look as much like its class to
+#         the reference classifier as the median real validation image, capped by filter.min_class_prob).
 #   - on that folder again: gen2400_rare_e4 adds the rare-only recipe (real-only last epoch, 4 epochs), which beat the
 #     every-class one on test at 2 epochs though validation chose the latter; gen2400_e6 adds 6 epochs for oversampling
 #     and for both recipes. Why: at 4 epochs the better generator first lifted the synthetic recipes above
@@ -33,13 +41,14 @@
 #   bash bench/cpu_levers.sh <that copy> gen2400_rare_e4 # and the rare-only recipe at 4 epochs
 #   bash bench/cpu_levers.sh <that copy> gen2400_e6 # and 6 epochs
 #   bash bench/cpu_levers.sh <a copy of it> gen2400_e6_seeds5 # seeds 3 and 4 for 6-epoch oversampling and all-class
+#   bash bench/cpu_levers.sh <a copy of it> gen2400_e6_with generation.guidance=1.0 # a setting changed, 3 seeds
 #
 # About 55 min (first form), 20 min (second), 20 min (third), 35 min (fourth) and 35 min (fifth) on 2 cores from a
 # finished 3-seed CPU study; then 18 min (gen2400_e4), 15 min (gen2400_rare_e4), 67 min (gen2400_e6) and 32 min
 # (gen2400_e6_seeds5).
 set -euo pipefail
 FORMS="'' (ratio and class), all, realend, epochs4, gen2400, gen2400_e4, gen2400_rare_e4, gen2400_e6,
-  gen2400_e6_seeds5"
+  gen2400_e6_seeds5, gen2400_e6_with KEY=VALUE ..."
 STUDY=${1:?usage: bash bench/cpu_levers.sh <study folder> [form: $FORMS]}
 PY=${PYTHON:-python3}
 # the real-only conditions of configs/ham10000_cpu.yaml, unchanged: their finished runs are reused
@@ -75,6 +84,13 @@ every_class() {  # every_class CONDITIONS PRIMARY PRIMARY_FROM [--set ...]: a st
   study --set "$ALL_DRAW" --set "conditions=[$REAL, $conds]" --set "sweep={of: $primary, ratios: [], zero: ''}" \
     --set "primary=$primary" --set "primary_from=[$from]" "$@"
 }
+e6_pair() {  # e6_pair [--set ...]: the 6-epoch pair gen2400_e6's validation chose, alone in the folder's aggregate
+  study --set "$ALL_DRAW" --set generator.train.steps=2400 --set "conditions=[$OVER_E6, $ALL_END_E6]" \
+    --set 'baselines=[oversampling_e6]' \
+    --set "sweep={of: hybrid_oversample_all_r0.25_realend_e6, ratios: [], zero: ''}" \
+    --set primary=hybrid_oversample_all_r0.25_realend_e6 \
+    --set 'primary_from=[hybrid_oversample_all_r0.25_realend_e6]' "$@"
+}
 case ${2:-} in
   all) every_class "$RARE_R25, $ALL_R25" hybrid_oversample_r0.25 \
     "hybrid_oversample_r0.25, hybrid_oversample_all_r0.25" ;;
@@ -94,10 +110,12 @@ case ${2:-} in
     hybrid_oversample_all_r0.25_realend_e6, hybrid_oversample_r0.25_realend_e6" --set generator.train.steps=2400 \
     --set 'baselines=[oversampling, focal, oversampling_e4, oversampling_e6]' ;;
   # two more seeds (3 and 4) for the pair that gen2400_e6's validation chose, alone in the folder's aggregate
-  gen2400_e6_seeds5) study --set "$ALL_DRAW" --set generator.train.steps=2400 --set 'seeds=[0, 1, 2, 3, 4]' \
-    --set "conditions=[$OVER_E6, $ALL_END_E6]" --set 'baselines=[oversampling_e6]' \
-    --set "sweep={of: hybrid_oversample_all_r0.25_realend_e6, ratios: [], zero: ''}" \
-    --set primary=hybrid_oversample_all_r0.25_realend_e6 --set 'primary_from=[hybrid_oversample_all_r0.25_realend_e6]' ;;
+  gen2400_e6_seeds5) e6_pair --set 'seeds=[0, 1, 2, 3, 4]' ;;
+  # that pair with settings changed (e.g. the samples' guidance, the filter's strictness, more seeds)
+  gen2400_e6_with) : "${3:?give KEY=VALUE ..., e.g. generation.guidance=1.0}"
+    sets=()
+    for kv in "${@:3}"; do sets+=(--set "$kv"); done
+    e6_pair "${sets[@]}" ;;
   "") study --set 'generation.per_class_of={df: 400, vasc: 300, mel: 1700}' \
     --set "conditions=[$REAL,
       {name: hybrid, loss: focal, set: {train.focal_alpha: balanced}, synthetic: filtered, ratio: 1.0},
