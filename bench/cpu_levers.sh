@@ -44,8 +44,8 @@
 #   bash bench/cpu_levers.sh <a copy of it> gen2400_e6_with generation.guidance=1.0 # a setting changed, 3 seeds
 #
 # About 55 min (first form), 20 min (second), 20 min (third), 35 min (fourth) and 35 min (fifth) on 2 cores from a
-# finished 3-seed CPU study; then 18 min (gen2400_e4), 15 min (gen2400_rare_e4), 67 min (gen2400_e6) and 32 min
-# (gen2400_e6_seeds5).
+# finished 3-seed CPU study; then 18 min (gen2400_e4), 15 min (gen2400_rare_e4), 67 min (gen2400_e6), 32 min
+# (gen2400_e6_seeds5), 29 min (gen2400_e6_with a new guidance) and 12 min (with it, seeds 3 and 4).
 set -euo pipefail
 FORMS="'' (ratio and class), all, realend, epochs4, gen2400, gen2400_e4, gen2400_rare_e4, gen2400_e6,
   gen2400_e6_seeds5, gen2400_e6_with KEY=VALUE ..."
