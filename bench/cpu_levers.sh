@@ -25,8 +25,10 @@
 #       generation.guidance=1.0 / 3.0: the samples drawn at classifier-free guidance 1 or 3 instead of 2. Why:
 #         guidance trades diversity for class fidelity; the filter drops unfaithful images, so lower guidance may
 #         give the classifier more varied rare lesions, higher guidance more typical ones.
-#       filter.class_prob_quantile=0.5: a stricter filter (a synthetic image must look as much like its class to
-#         the reference classifier as the median real validation image, capped by filter.min_class_prob).
+#       filter.class_prob_quantile=0.5 (with guidance 3, validation's choice): a stricter filter (a synthetic image
+#         must look as much like its class to the reference classifier as the median real validation image, capped
+#         by filter.min_class_prob). Why: at guidance 1 the classifier lost most where the filter refused the most
+#         samples for a low class probability, so class fidelity may be what the classifier needs.
 #   - on that folder again: gen2400_rare_e4 adds the rare-only recipe (real-only last epoch, 4 epochs), which beat the
 #     every-class one on test at 2 epochs though validation chose the latter; gen2400_e6 adds 6 epochs for oversampling
 #     and for both recipes. Why: at 4 epochs the better generator first lifted the synthetic recipes above
@@ -45,7 +47,8 @@
 #
 # About 55 min (first form), 20 min (second), 20 min (third), 35 min (fourth) and 35 min (fifth) on 2 cores from a
 # finished 3-seed CPU study; then 18 min (gen2400_e4), 15 min (gen2400_rare_e4), 67 min (gen2400_e6), 32 min
-# (gen2400_e6_seeds5), 29 min (gen2400_e6_with a new guidance) and 12 min (with it, seeds 3 and 4).
+# (gen2400_e6_seeds5), 29 min (gen2400_e6_with a new guidance), 22 min (with a new filter) and 12 min (seeds 3
+# and 4 added).
 set -euo pipefail
 FORMS="'' (ratio and class), all, realend, epochs4, gen2400, gen2400_e4, gen2400_rare_e4, gen2400_e6,
   gen2400_e6_seeds5, gen2400_e6_with KEY=VALUE ..."
