@@ -23,9 +23,9 @@
 #     chose, 3 seeds, with settings changed; the units they invalidate rerun, the rest (the generator, the
 #     oversampling runs) are reused. Measured with it:
 #       generation.guidance=1.0 / 3.0 (and 4.0 with the filter below): the samples drawn at classifier-free
-#         guidance 1, 3 or 4 instead of 2. Why:
-#         guidance trades diversity for class fidelity; the filter drops unfaithful images, so lower guidance may
-#         give the classifier more varied rare lesions, higher guidance more typical ones.
+#         guidance 1, 3 or 4 instead of 2. Why: guidance trades diversity for class fidelity; the filter drops
+#         unfaithful images, so lower guidance may give the classifier more varied rare lesions, higher guidance
+#         more typical ones.
 #       filter.class_prob_quantile=0.5 (with guidance 3, validation's choice): a stricter filter (a synthetic image
 #         must look as much like its class to the reference classifier as the median real validation image, capped
 #         by filter.min_class_prob). Why: at guidance 1 the classifier lost most where the filter refused the most
