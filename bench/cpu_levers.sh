@@ -30,6 +30,9 @@
 #         must look as much like its class to the reference classifier as the median real validation image, capped
 #         by filter.min_class_prob). Why: at guidance 1 the classifier lost most where the filter refused the most
 #         samples for a low class probability, so class fidelity may be what the classifier needs.
+#   - ratio 0.5 (gen2400_e6_r0.5_with KEY=VALUE ..., on a copy of a gen2400_e6_with folder): the same pair with
+#     twice the synthetic images per class (more samples are drawn). Why: at ratio 0.25 the stricter filter's recipe
+#     gained in the mean over oversampling (within noise); the rare-only sweep of the first form lost least at 0.5.
 #   - on that folder again: gen2400_rare_e4 adds the rare-only recipe (real-only last epoch, 4 epochs), which beat the
 #     every-class one on test at 2 epochs though validation chose the latter; gen2400_e6 adds 6 epochs for oversampling
 #     and for both recipes. Why: at 4 epochs the better generator first lifted the synthetic recipes above
@@ -45,6 +48,7 @@
 #   bash bench/cpu_levers.sh <that copy> gen2400_e6 # and 6 epochs
 #   bash bench/cpu_levers.sh <a copy of it> gen2400_e6_seeds5 # seeds 3 and 4 for 6-epoch oversampling and all-class
 #   bash bench/cpu_levers.sh <a copy of it> gen2400_e6_with generation.guidance=1.0 # a setting changed, 3 seeds
+#   bash bench/cpu_levers.sh <a copy of that> gen2400_e6_r0.5_with generation.guidance=3.0 # and ratio 0.5
 #
 # About 55 min (first form), 20 min (second), 20 min (third), 35 min (fourth) and 35 min (fifth) on 2 cores from a
 # finished 3-seed CPU study; then 18 min (gen2400_e4), 15 min (gen2400_rare_e4), 67 min (gen2400_e6), 32 min
@@ -52,7 +56,7 @@
 # and 4 added).
 set -euo pipefail
 FORMS="'' (ratio and class), all, realend, epochs4, gen2400, gen2400_e4, gen2400_rare_e4, gen2400_e6,
-  gen2400_e6_seeds5, gen2400_e6_with KEY=VALUE ..."
+  gen2400_e6_seeds5, gen2400_e6_with KEY=VALUE ..., gen2400_e6_r0.5_with KEY=VALUE ..."
 STUDY=${1:?usage: bash bench/cpu_levers.sh <study folder> [form: $FORMS]}
 PY=${PYTHON:-python3}
 # the real-only conditions of configs/ham10000_cpu.yaml, unchanged: their finished runs are reused
@@ -74,6 +78,11 @@ ALL_END_E4="{name: hybrid_oversample_all_r0.25_realend_e4, $R25,
 RARE_END_E4="{name: hybrid_oversample_r0.25_realend_e4, $R25, set: {train.real_only_last_epochs: 1, train.epochs: 4}}"
 ALL_END_E6="{name: hybrid_oversample_all_r0.25_realend_e6, $R25,
   set: {$SEVEN, train.real_only_last_epochs: 1, train.epochs: 6}}"
+ALL_END_E6_R05="{name: hybrid_oversample_all_r0.5_realend_e6, sampler: oversample, synthetic: filtered, ratio: 0.5,
+  set: {$SEVEN, train.real_only_last_epochs: 1, train.epochs: 6}}"
+# enough for ratio 0.5 after the stricter filter (class_prob_quantile 0.5 kept 37 % of bkl, 45 % of vasc, 61 % of
+# akiec and 87-92 % of the others): train has nv 4,705, bkl 767, mel 783, bcc 356, akiec 229, vasc 102, df 80
+ALL_DRAW_R05='generation.per_class_of={df: 100, vasc: 140, mel: 480, nv: 2800, bkl: 1100, bcc: 230, akiec: 200}'
 RARE_END_E6="{name: hybrid_oversample_r0.25_realend_e6, $R25, set: {train.real_only_last_epochs: 1, train.epochs: 6}}"
 OVER_E4='{name: oversampling_e4, sampler: oversample, set: {train.epochs: 4}}'
 OVER_E6='{name: oversampling_e6, sampler: oversample, set: {train.epochs: 6}}'
@@ -88,13 +97,14 @@ every_class() {  # every_class CONDITIONS PRIMARY PRIMARY_FROM [--set ...]: a st
   study --set "$ALL_DRAW" --set "conditions=[$REAL, $conds]" --set "sweep={of: $primary, ratios: [], zero: ''}" \
     --set "primary=$primary" --set "primary_from=[$from]" "$@"
 }
-e6_pair() {  # e6_pair [--set ...]: the 6-epoch pair gen2400_e6's validation chose, alone in the folder's aggregate
-  study --set "$ALL_DRAW" --set generator.train.steps=2400 --set "conditions=[$OVER_E6, $ALL_END_E6]" \
-    --set 'baselines=[oversampling_e6]' \
-    --set "sweep={of: hybrid_oversample_all_r0.25_realend_e6, ratios: [], zero: ''}" \
-    --set primary=hybrid_oversample_all_r0.25_realend_e6 \
-    --set 'primary_from=[hybrid_oversample_all_r0.25_realend_e6]' "$@"
+e6_pair() {  # e6_pair NAME CONDITION [--set ...]: 6-epoch oversampling and one hybrid, alone in the aggregate
+  local name=$1 cond=$2
+  shift 2
+  study --set "$ALL_DRAW" --set generator.train.steps=2400 --set "conditions=[$OVER_E6, $cond]" \
+    --set 'baselines=[oversampling_e6]' --set "sweep={of: $name, ratios: [], zero: ''}" \
+    --set "primary=$name" --set "primary_from=[$name]" "$@"
 }
+E6=hybrid_oversample_all_r0.25_realend_e6  # the hybrid of the 6-epoch pair gen2400_e6's validation chose
 case ${2:-} in
   all) every_class "$RARE_R25, $ALL_R25" hybrid_oversample_r0.25 \
     "hybrid_oversample_r0.25, hybrid_oversample_all_r0.25" ;;
@@ -114,12 +124,13 @@ case ${2:-} in
     hybrid_oversample_all_r0.25_realend_e6, hybrid_oversample_r0.25_realend_e6" --set generator.train.steps=2400 \
     --set 'baselines=[oversampling, focal, oversampling_e4, oversampling_e6]' ;;
   # two more seeds (3 and 4) for the pair that gen2400_e6's validation chose, alone in the folder's aggregate
-  gen2400_e6_seeds5) e6_pair --set 'seeds=[0, 1, 2, 3, 4]' ;;
+  gen2400_e6_seeds5) e6_pair $E6 "$ALL_END_E6" --set 'seeds=[0, 1, 2, 3, 4]' ;;
   # that pair with settings changed (e.g. the samples' guidance, the filter's strictness, more seeds)
-  gen2400_e6_with) : "${3:?give KEY=VALUE ..., e.g. generation.guidance=1.0}"
+  gen2400_e6_with|gen2400_e6_r0.5_with) : "${3:?give KEY=VALUE ..., e.g. generation.guidance=1.0}"
     sets=()
     for kv in "${@:3}"; do sets+=(--set "$kv"); done
-    e6_pair "${sets[@]}" ;;
+    if [[ $2 == gen2400_e6_with ]]; then e6_pair $E6 "$ALL_END_E6" "${sets[@]}"
+    else e6_pair hybrid_oversample_all_r0.5_realend_e6 "$ALL_END_E6_R05" --set "$ALL_DRAW_R05" "${sets[@]}"; fi ;;
   "") study --set 'generation.per_class_of={df: 400, vasc: 300, mel: 1700}' \
     --set "conditions=[$REAL,
       {name: hybrid, loss: focal, set: {train.focal_alpha: balanced}, synthetic: filtered, ratio: 1.0},
