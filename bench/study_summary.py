@@ -30,7 +30,8 @@ def _json(p: Path) -> dict | None:
 
 
 def quality_lines(label: str, q: dict | None) -> list[str]:
-    """One line per class group of a quality.json: FD/KID beside the real-vs-real floor, precision and recall."""
+    """One line per class group of a quality.json: FD/KID beside the real-vs-real floor, precision and recall, and
+    the real-vs-synthetic classifier's AUC (C2ST) where measured."""
     lines: list[str] = []
     for c, g in (q or {}).get("groups", {}).items():
         if "synthetic" not in g:
@@ -41,7 +42,8 @@ def quality_lines(label: str, q: dict | None) -> list[str]:
         lines.append(f"quality[{label}] {group_label(c, g):16s} N={g['N']:4d}  "
                      f"FD_{e} {s[f'FD_{e}']:8.1f} +- {s[f'FD_{e}_std']:5.1f} "
                      f"vs floor {fl[f'FD_{e}']:7.1f} ({s[f'FD_{e}'] / fl[f'FD_{e}']:.2f}x)  KID {s[f'KID_{e}']:.4f} vs "
-                     f"floor {fl[f'KID_{e}']:.4f}  precision {s[f'precision_{e}']:.2f} recall {s[f'recall_{e}']:.2f}")
+                     f"floor {fl[f'KID_{e}']:.4f}  precision {s[f'precision_{e}']:.2f} recall {s[f'recall_{e}']:.2f}"
+                     + (f"  C2ST AUC {s[f'C2ST_{e}']:.2f} vs floor {fl[f'C2ST_{e}']:.2f}" if f"C2ST_{e}" in s else ""))
     return lines
 
 

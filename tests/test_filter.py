@@ -21,7 +21,7 @@ from dermsynth.data.manifest import read_manifest, write_manifest
 from dermsynth.data.split import SplitConfig, load_split, make_split
 from dermsynth.io import atomic_save_image, image_array
 from dermsynth.metrics import features as features_mod
-from dermsynth.metrics.filter import FilterConfig, class_thresholds, run_filter
+from dermsynth.metrics.filter import FilterConfig, class_thresholds, detector_check, run_filter
 from test_quality_data import fake_samples
 
 SIZE, DIM = 32, 12  # features = the first 4 pixels (x 3 channels) of row 0, centred
@@ -111,7 +111,8 @@ def test_filter_reasons_per_image(world, fake_classifier, tmp_path):
     assert rej.loc["unrealistic_unsure", "reasons"] == "outside_real_manifold;low_class_prob"
     info = json.loads((out / "filter.json").read_text())
     assert info["per_class"]["df"] == {"in": 5, "kept": 1, "rejected": 4, "by_reason": {
-        "outside_real_manifold": 2, "low_class_prob": 2, "copy_of_train": 1}}
+        "outside_real_manifold": 2, "low_class_prob": 2, "copy_of_train": 1, "looks_synthetic": 0}}
+    assert info["detector"] is None and "detector" not in info["checks"]  # check (d) is off by default
     assert info["extractor"] == "pixelrow" and "same-lesion" in info["memorisation"]["calibration"]["source"]
 
 
@@ -199,3 +200,47 @@ def test_class_prob_quantile_out_of_range_is_refused(world, tmp_path):
     with pytest.raises(ConfigError, match="class_prob_quantile"):
         run_filter(samples, split, cfg, tmp_path / "filtered", classifier=tmp_path / "run")
     assert not (tmp_path / "filtered").exists()  # refused before anything is written
+
+
+def test_detector_keeps_the_least_synthetic_looking_images():
+    """Synthetic features = real ones plus a tell of random strength along one direction: the held-out detector
+    keeps the fraction asked for, and those are the images with the weakest tell; a class whose synthetic images
+    are drawn like its real ones gets a detector AUC near chance."""
+    rng = np.random.default_rng(0)
+    tell = rng.uniform(0, 4, 120)
+    syn = np.concatenate([rng.normal(size=(120, 10)) + tell[:, None] * np.eye(10)[0], rng.normal(size=(60, 10))])
+    labels = pd.Series(["mel"] * 120 + ["nv"] * 60)
+    train = rng.normal(size=(400, 10))
+    score, keep, info = detector_check(syn, labels, train, pd.Series(["mel"] * 200 + ["nv"] * 200),
+                                       FilterConfig(detector_keep=0.25))
+    mel = labels.eq("mel").to_numpy()
+    assert keep[mel].sum() == info["mel"]["kept"] == 30 and keep[~mel].sum() == 15  # ceil(0.25 * n) per class
+    # the score follows what the detector can see (the coordinate along the tell, noise included), and the kept
+    # images are those with the weaker tells
+    assert np.corrcoef(score[mel], syn[mel, 0])[0, 1] > 0.9
+    assert tell[keep[mel]].mean() + 1.0 < tell[~keep[mel]].mean()
+    assert info["mel"]["auc"] > 0.8 and abs(info["nv"]["auc"] - 0.5) < 0.15
+    assert (score[keep & mel] <= info["mel"]["cutoff"]).all() and (score[~keep & mel] > info["mel"]["cutoff"]).all()
+
+
+def test_detector_check_in_the_filter_run(world, fake_classifier, tmp_path):
+    samples, split, _ = world
+    cfg = _cfg()
+    cfg.realism, cfg.copies, cfg.min_class_prob, cfg.detector_keep = False, False, 0.1, 0.4
+    out = run_filter(samples, split, cfg, tmp_path / "filtered", classifier=tmp_path / "run")
+    info = json.loads((out / "filter.json").read_text())
+    assert info["per_class"]["df"]["kept"] == 2 and info["per_class"]["df"]["by_reason"]["looks_synthetic"] == 3
+    assert 0.0 <= info["detector"]["df"]["auc"] <= 1.0 and "least" in info["checks"]["detector"]
+    kept = read_manifest(out / "manifest.csv")
+    rej = pd.read_csv(out / "rejected.csv", keep_default_na=False)
+    assert (rej["reasons"] == "looks_synthetic").all()
+    assert kept["synthetic_score"].max() < rej["synthetic_score"].min()
+
+
+def test_detector_keep_out_of_range_is_refused(world, tmp_path):
+    samples, split, _ = world
+    cfg = _cfg()
+    cfg.detector_keep = 1.2
+    with pytest.raises(ConfigError, match="detector_keep"):
+        run_filter(samples, split, cfg, tmp_path / "filtered")
+    assert not (tmp_path / "filtered").exists()

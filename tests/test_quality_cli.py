@@ -43,6 +43,7 @@ def test_quality_cli(setup):
         assert g["N"] == sum(g["draw_per_class"].values()) and g["N"] <= g["available"]["test"]
         for side in ("synthetic", "floor"):
             assert {"FD_lite0", "KID_lite0", "KID_lite0_std", "precision_lite0", "coverage_lite0"} <= set(g[side])
+            assert 0.0 <= g[side]["C2ST_lite0"] <= 1.0
             assert any(k.startswith("diversity_") for k in g[side])
     assert "FID" not in json.dumps(q["groups"]) and "IS_lite0" not in json.dumps(q["groups"])
     memo = pd.read_csv(out / "memorisation.csv")

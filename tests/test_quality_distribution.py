@@ -1,12 +1,12 @@
-"""FD, KID, precision/recall/density/coverage and IS as pure functions of feature matrices."""
+"""FD, KID, precision/recall/density/coverage, IS and C2ST as pure functions of feature matrices."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy import linalg
 
-from dermsynth.metrics.distribution import (frechet_distance, inception_score, kernel_distance, kid_subsets, prdc,
-                                            realism_inside)
+from dermsynth.metrics.distribution import (c2st_auc, frechet_distance, inception_score, kernel_distance, kid_subsets,
+                                            prdc, realism_inside)
 
 
 def _fd_reference(x, y):
@@ -94,3 +94,25 @@ def test_equal_n_counts_follow_the_reference_proportions():
     assert equal_n_counts({"df": 20, "mel": 160}, {"df": 800, "mel": 80}, {"df": 80, "mel": 780}) == {"df": 10, "mel": 80}
     assert equal_n_counts({"df": 20, "mel": 160}, {"df": 800, "mel": 800}, {"df": 80, "mel": 780}, max_n=90) == \
         {"df": 10, "mel": 80}
+
+
+def test_c2st_is_chance_for_one_distribution_and_one_for_separable_sets():
+    rng = np.random.default_rng(0)
+    # one distribution, N << D (a rare class): the cross-validated AUC stays near chance, it does not overfit to 1
+    same = [c2st_auc(rng.normal(size=(40, 300)), rng.normal(size=(40, 300)), seed=s) for s in range(10)]
+    assert abs(np.mean(same) - 0.5) < 0.08
+    # a shift along a few of many directions, as a generator's tell would be: clearly visible
+    a, b = rng.normal(size=(200, 300)), rng.normal(size=(200, 300))
+    b[:, :5] += 1.5
+    shifted = c2st_auc(a, b)
+    assert shifted > 0.9
+    # a set against itself, row for row: no direction separates the labels, so every held-out score is a guess
+    assert c2st_auc(a, a) < 0.6
+    # which set plays "synthetic" does not matter (the folds differ, so not to the digit); a seed reproduces it
+    assert c2st_auc(b, a) > 0.9
+    assert c2st_auc(a, b, seed=3) == c2st_auc(a, b, seed=3)
+
+
+def test_c2st_needs_two_rows_per_set():
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        c2st_auc(np.zeros((1, 4)), np.ones((5, 4)))

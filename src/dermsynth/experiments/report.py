@@ -354,7 +354,9 @@ def _quality(doc: Doc, paths: StudyPaths) -> None:
             doc.table(pd.DataFrame(rows), f"each cell: synthetic vs real {q.get('reference')} | real-vs-real floor "
                                           f"({q.get('floor')} vs {q.get('reference')}) at the same N, mean over "
                                           f"{q.get('repeats')} draws; features: {q.get('extractor')} (FD_x / KID_x "
-                                          "are not Inception FID / KID unless x is Inception); (xk) = k times the floor")
+                                          "are not Inception FID / KID unless x is Inception); (xk) = k times the floor; "
+                                          "C2ST_x: cross-validated AUC of a linear classifier telling the set from "
+                                          "the real one (0.5: cannot be told apart, 1: separable)")
         if skipped:
             doc.p("Skipped groups: " + "; ".join(f"{g}: {w}" for g, w in skipped.items()), "missing")
         png = paths.quality / which / "metrics_vs_floor.png"

@@ -1,11 +1,12 @@
-"""Distribution metrics as pure functions of two feature matrices: FD, KID, precision/recall/density/coverage, IS.
+"""Distribution metrics as pure functions of two feature matrices: FD, KID, precision/recall/density/coverage, IS,
+and the classifier two-sample test (C2ST).
 
 Why closed forms here rather than torchmetrics' FrechetInceptionDistance / KernelInceptionDistance: those metrics
 take *images* through ``update`` and own the feature pass, while dermsynth computes features once, caches them on disk
 and reuses them across classes, subsets, the real-vs-real floor, the filter and the memorisation audit. A metric that
 is a function of two matrices is also what makes equal-N subsampling and hand-checkable tests simple. The formulas
 are short and standard (Heusel et al. 2017; Binkowski et al. 2018; Naeem et al. 2020; Salimans et al. 2016) and are
-tested against hand computations; scipy supplies the eigen-decompositions.
+tested against hand computations; scipy supplies the eigen-decompositions and scikit-learn the C2ST's classifier.
 
 Higher-is-better flags for every metric are in :data:`HIGHER_IS_BETTER`.
 """
@@ -15,7 +16,7 @@ import numpy as np
 from scipy import linalg
 
 HIGHER_IS_BETTER = {"FD": False, "KID": False, "precision": True, "recall": True, "density": True,
-                    "coverage": True, "IS": True}
+                    "coverage": True, "IS": True, "C2ST": False}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -127,6 +128,47 @@ def realism_inside(real: np.ndarray, fake: np.ndarray, k: int = 5) -> tuple[np.n
     d = _dist(real, fake)
     score = (radii[:, None] / np.maximum(d, 1e-12)).max(0)
     return score >= 1.0, score
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Classifier two-sample test (Lopez-Paz & Oquab 2017)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def c2st_scores(x: np.ndarray, y: np.ndarray, folds: int = 5, c: float = 0.01, seed: int = 0) -> np.ndarray:
+    """Held-out scores of a logistic regression that tells rows of ``x`` (label 1) from rows of ``y`` (label 0).
+
+    Returns one decision value per row of ``x`` then ``y`` (higher: more like ``x``), each from a model fitted
+    without that row (stratified k-fold, ``min(folds, len(x), len(y))`` folds). Features are standardised inside
+    each fold; ``c`` is the inverse L2 penalty (strong, for N << D).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    k = min(folds, len(x), len(y))
+    if k < 2:
+        raise ValueError(f"C2ST needs at least 2 rows per set and 2 folds, got {len(x)} and {len(y)} rows, "
+                         f"{folds} folds")
+    feats = np.concatenate([np.asarray(x, np.float64), np.asarray(y, np.float64)])
+    target = np.r_[np.ones(len(x)), np.zeros(len(y))]
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+    return cross_val_predict(model, feats, target, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
+                             method="decision_function")
+
+
+def c2st_auc(x: np.ndarray, y: np.ndarray, folds: int = 5, c: float = 0.01, seed: int = 0) -> float:
+    """Classifier two-sample test: the ROC AUC of :func:`c2st_scores` (held-out, so no fit to the rows it scores).
+
+    0.5: the sets cannot be told apart; 1: a linear read-out of the features separates them. Why it is here: a
+    classifier trained on real + synthetic images can learn "looks synthetic" as evidence for the classes that have
+    synthetic images; this measures how visible that look is, per class, where FD and KID only say how far apart the
+    sets are.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    score = c2st_scores(x, y, folds, c, seed)
+    return float(roc_auc_score(np.r_[np.ones(len(x)), np.zeros(len(y))], score))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

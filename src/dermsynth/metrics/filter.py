@@ -8,7 +8,13 @@ Three checks, each recorded per image so a rejection can be read back:
       reason ``low_class_prob`` (skipped, with a warning, when no classifier run is given). The threshold is
       ``min_class_prob``, or, with ``class_prob_quantile`` q > 0, per class c: min(min_class_prob, the q-quantile of
       that classifier's P(c) on the split's real VAL images of class c) (val only: test is never looked at);
-  (c) not a copy: the memorisation audit does not flag it, reason ``copy_of_train``.
+  (c) not a copy: the memorisation audit does not flag it, reason ``copy_of_train``;
+  (d) off by default: does not look synthetic. With ``detector_keep`` f > 0, per class a linear real-vs-synthetic
+      classifier (the C2ST's, metrics.distribution) is fitted on the class's synthetic and real TRAIN features; each
+      synthetic image is scored by a model fitted without it, and all but the fraction f that look least synthetic
+      are rejected, reason ``looks_synthetic``. Why: a classifier trained on real + synthetic images can learn the
+      synthetic look as evidence for a class; keeping the images with the least of it weakens that cue. The
+      detector's held-out AUC per class is recorded (0.5: synthetic and real cannot be told apart).
 Writes ``manifest.csv`` (kept images, canonical, paths to the original PNGs), ``rejected.csv`` (every rejected image
 and all its reasons) and ``filter.json`` (per-class counts in / kept / rejected by reason, thresholds, and check (b)'s
 threshold per class with how it was obtained).
@@ -26,7 +32,7 @@ from dermsynth.config import ConfigError, save_config, to_dict
 from dermsynth.data.labels import CLASSES
 from dermsynth.data.manifest import REQUIRED_COLUMNS, write_manifest
 from dermsynth.io import atomic_write_csv, atomic_write_json
-from dermsynth.metrics.distribution import realism_inside
+from dermsynth.metrics.distribution import c2st_scores, realism_inside
 from dermsynth.metrics.feature_cache import (default_out, features_and_logits, load_images, native_size,
                                               samples_on_split)
 from dermsynth.metrics.features import ExtractorSpec, make_extractor
@@ -35,7 +41,7 @@ from dermsynth.runlog import get_logger, run_log
 
 log = get_logger("metrics.filter")
 
-REASONS = ("outside_real_manifold", "low_class_prob", "copy_of_train")
+REASONS = ("outside_real_manifold", "low_class_prob", "copy_of_train", "looks_synthetic")
 
 
 @dataclass
@@ -53,6 +59,9 @@ class FilterConfig:
     class_prob_quantile: float = 0.0
     copies: bool = True  # check (c)
     memorisation: MemorisationConfig = field(default_factory=MemorisationConfig)
+    detector_keep: float = 0.0  # check (d): the fraction of each class's images it keeps; 0 = off
+    detector_folds: int = 5  # cross-fitting folds of check (d)
+    seed: int = 0
 
 
 def class_probs(run_dir: str | Path | None, images: np.ndarray, labels: pd.Series) -> np.ndarray | None:
@@ -97,6 +106,31 @@ def class_thresholds(val_p: np.ndarray, val_labels: pd.Series | np.ndarray, clas
     return out
 
 
+def detector_check(syn_f: np.ndarray, syn_labels: pd.Series, train_f: np.ndarray, train_labels: pd.Series,
+                   cfg: FilterConfig) -> tuple[np.ndarray, np.ndarray, dict[str, dict]]:
+    """Check (d): held-out "looks synthetic" score per synthetic image, whether it is kept, and per class the
+    detector's AUC and the score cut-off."""
+    from sklearn.metrics import roc_auc_score
+
+    score, keep, info = np.full(len(syn_f), np.nan), np.ones(len(syn_f), bool), {}
+    for c in dict.fromkeys(syn_labels):
+        m_s, m_t = (syn_labels == c).to_numpy(), (train_labels == c).to_numpy()
+        if m_s.sum() < 2 or m_t.sum() < 2:
+            log.warning("filter: class %s has %d synthetic and %d train image(s): the detector check is skipped", c,
+                        int(m_s.sum()), int(m_t.sum()))
+            continue
+        s = c2st_scores(syn_f[m_s], train_f[m_t], cfg.detector_folds, seed=cfg.seed)
+        own = s[:m_s.sum()]
+        n_keep = int(np.ceil(cfg.detector_keep * len(own)))
+        cut = np.sort(own)[n_keep - 1]  # ties at the cut-off are kept
+        score[m_s], keep[m_s] = own, own <= cut
+        auc = float(roc_auc_score(np.r_[np.ones(len(own)), np.zeros(len(s) - len(own))], s))
+        info[c] = {"auc": auc, "cutoff": float(cut), "kept": int((own <= cut).sum()), "n_train": int(m_t.sum())}
+        log.info("filter %s: real-vs-synthetic detector AUC %.3f (held out); keeps the %d least synthetic-looking "
+                 "of %d", c, auc, info[c]["kept"], len(own))
+    return score, keep, info
+
+
 def run_filter(samples: str | Path, split: str | Path, cfg: FilterConfig | None = None, out: str | Path | None = None,
                classifier: str | Path | None = None) -> Path:
     """Filter a samples folder; returns the output folder (manifest.csv, rejected.csv, filter.json)."""
@@ -104,6 +138,8 @@ def run_filter(samples: str | Path, split: str | Path, cfg: FilterConfig | None 
     samples = Path(samples)
     if not 0.0 <= cfg.class_prob_quantile <= 1.0:
         raise ConfigError(f"filter.class_prob_quantile must be in [0, 1], got {cfg.class_prob_quantile}")
+    if not 0.0 <= cfg.detector_keep <= 1.0:
+        raise ConfigError(f"filter.detector_keep must be in [0, 1] (0 = off), got {cfg.detector_keep}")
     syn, sp = samples_on_split(samples, split)  # refuses a generator trained on another split, before any write
     out = Path(out) if out is not None else default_out(samples, "filtered")
     with run_log(out):
@@ -173,6 +209,15 @@ def run_filter(samples: str | Path, split: str | Path, cfg: FilterConfig | None 
             checks["copies"] = (f"cosine < {memo['cosine_threshold']:.4f} ({memo['calibration']['source']}) "
                                 f"and SSIM < {cfg.memorisation.ssim_threshold}, orbit {cfg.memorisation.orbit}")
 
+        detector = None
+        if cfg.detector_keep > 0:
+            table["synthetic_score"], keep, detector = detector_check(syn_f, syn["label"], train_f, train["label"], cfg)
+            for i in np.flatnonzero(~keep):
+                reasons[i].append("looks_synthetic")
+            checks["detector"] = (f"among the {cfg.detector_keep:g} of its class that a real-vs-synthetic classifier "
+                                  f"(fitted on real train images, {cfg.detector_folds}-fold held out) finds least "
+                                  "synthetic")
+
         table["reasons"] = [";".join(r) for r in reasons]
         kept = table[table["reasons"] == ""].drop(columns="reasons")
         rejected = table[table["reasons"] != ""]
@@ -190,7 +235,8 @@ def run_filter(samples: str | Path, split: str | Path, cfg: FilterConfig | None 
                             "by_reason": {r: int(sub["reasons"].str.contains(r).sum()) for r in REASONS}}
         summary = {"samples": str(samples.resolve()), "split": str(sp.path), "split_fingerprint": sp.fingerprint,
                    "extractor": extractor.name, "extractor_version": extractor.version, "image_size": size,
-                   "checks": checks, "class_prob_thresholds": thresholds, "per_class": per_class,
+                   "checks": checks, "class_prob_thresholds": thresholds, "detector": detector,
+                   "per_class": per_class,
                    "total": {"in": int(len(table)), "kept": int(len(kept)), "rejected": int(len(rejected))},
                    "memorisation": memo, "config": to_dict(cfg), "wall_s": round(time.time() - t0, 2)}
         atomic_write_json(out / "filter.json", summary)

@@ -5,7 +5,10 @@ TRAIN images are each compared with real TEST images at the SAME N: both sides a
 synthetic, train) images of the class (pooled: drawn class by class in the test part's proportions), ``repeats``
 times, and every number is the mean (and std) over those draws. A metric at N = 17 (dermatofibroma's test part) is
 biased; the floor at the same N shows how much of the number is that bias and how much is the generator. KID's
-unbiased estimator is the headline for small N.
+unbiased estimator is the headline for small N. The classifier two-sample test (C2ST: cross-validated AUC of a linear
+classifier telling the synthetic images' features from the real ones) says how visible a "synthetic look" is, which a
+classifier trained on both can learn as evidence for the classes that have synthetic images; its floor is the same
+test between real train and real test images (about 0.5).
 
 Synthetic images are compared with real images at the synthetic images' own resolution (real ones are downsized to
 it), so resolution alone does not separate them. Every number is named by its extractor (FD_lite0, KID_lite0; FID and
@@ -50,6 +53,8 @@ class QualityConfig:
     repeats: int = 20  # random equal-N draws per number (mean and std are over draws)
     kid_subset_size: int = 1000  # KID subset size when N is larger than this
     prdc_k: int = 5  # k of the k-NN manifolds (capped at N - 1)
+    # folds of the classifier two-sample test (cross-validated AUC of real vs synthetic features; 0: not run)
+    c2st_folds: int = 5
     diversity_pairs: int = 100  # image pairs for mean pairwise LPIPS / MS-SSIM (all pairs when fewer)
     grid: int = 32  # images per class in each grid figure
     memorisation: MemorisationConfig = field(default_factory=MemorisationConfig)
@@ -76,15 +81,18 @@ def _draw(feats: dict[str, np.ndarray], counts: dict[str, int], rng: np.random.G
 
 def compare(source: dict[str, np.ndarray], ref: dict[str, np.ndarray], counts: dict[str, int], extractor: str,
             cfg: QualityConfig, seed: int) -> dict[str, float]:
-    """FD, KID, precision/recall/density/coverage of ``source`` vs ``ref`` at N = sum(counts), over ``repeats`` draws."""
+    """FD, KID, precision/recall/density/coverage and C2ST AUC of ``source`` vs ``ref`` at N = sum(counts), over
+    ``repeats`` draws."""
     n = sum(counts.values())
     rng = np.random.default_rng(seed)
     k = min(cfg.prdc_k, n - 1)
-    vals: dict[str, list[float]] = {m: [] for m in ("FD", "KID", "precision", "recall", "density", "coverage")}
+    vals: dict[str, list[float]] = {m: [] for m in ("FD", "KID", "precision", "recall", "density", "coverage", "C2ST")}
     for _ in range(cfg.repeats):
         s, r = _draw(source, counts, rng), _draw(ref, counts, rng)
         vals["FD"].append(dist.frechet_distance(s, r))
         vals["KID"].extend(dist.kid_subsets(s, r, cfg.kid_subset_size, 1, seed=int(rng.integers(1 << 31))))
+        if cfg.c2st_folds:
+            vals["C2ST"].append(dist.c2st_auc(s, r, cfg.c2st_folds, seed=int(rng.integers(1 << 31))))
         if k >= 1:
             for m, v in dist.prdc(r, s, k).items():
                 vals[m].append(v)
@@ -296,7 +304,8 @@ font-size:13px}}table{{border-collapse:collapse}}</style></head><body>
 <p>Extractor <b>{html.escape(result['extractor'])}</b> ({html.escape(result['extractor_version'])}); images compared at
 {result['image_size']} px. Each cell: synthetic vs real {html.escape(result['reference'])} | real-vs-real floor
 ({html.escape(result['floor'])} vs {html.escape(result['reference'])}) at the same N, mean over {result['repeats']}
-random draws. Research use only; AI-generated images.</p>
+random draws. C2ST: cross-validated AUC of a linear classifier telling the two sets apart (0.5: they cannot be told
+apart). Research use only; AI-generated images.</p>
 <table><tr><th>metric</th>{head}</tr>{body}</table>
 <h2>Memorisation</h2><p>cosine threshold {memo['cosine_threshold']:.4f} ({html.escape(memo['calibration']['source'])},
 {memo['calibration']['n_pairs']} same-lesion pairs); SSIM threshold {memo['ssim_threshold']}; real test images flagged
