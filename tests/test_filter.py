@@ -243,4 +243,7 @@ def test_detector_keep_out_of_range_is_refused(world, tmp_path):
     cfg.detector_keep = 1.2
     with pytest.raises(ConfigError, match="detector_keep"):
         run_filter(samples, split, cfg, tmp_path / "filtered")
+    cfg.detector_keep, cfg.detector_folds = 0.5, 1
+    with pytest.raises(ConfigError, match="detector_folds"):
+        run_filter(samples, split, cfg, tmp_path / "filtered")
     assert not (tmp_path / "filtered").exists()

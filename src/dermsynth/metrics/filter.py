@@ -1,6 +1,6 @@
 """``dermsynth filter``: keep the synthetic images that look real, look like their class, and are not copies.
 
-Three checks, each recorded per image so a rejection can be read back:
+Four checks, each recorded per image so a rejection can be read back:
   (a) realism: the image's features lie inside the real TRAIN k-NN manifold of its class (inside at least one real
       image's ball of radius = distance to its k-th real neighbour; Kynkaanniemi et al. 2019), reason
       ``outside_real_manifold``;
@@ -140,6 +140,8 @@ def run_filter(samples: str | Path, split: str | Path, cfg: FilterConfig | None 
         raise ConfigError(f"filter.class_prob_quantile must be in [0, 1], got {cfg.class_prob_quantile}")
     if not 0.0 <= cfg.detector_keep <= 1.0:
         raise ConfigError(f"filter.detector_keep must be in [0, 1] (0 = off), got {cfg.detector_keep}")
+    if cfg.detector_keep > 0 and cfg.detector_folds < 2:
+        raise ConfigError(f"filter.detector_folds must be >= 2 (held-out scores), got {cfg.detector_folds}")
     syn, sp = samples_on_split(samples, split)  # refuses a generator trained on another split, before any write
     out = Path(out) if out is not None else default_out(samples, "filtered")
     with run_log(out):
