@@ -30,6 +30,11 @@
 #         must look as much like its class to the reference classifier as the median real validation image, capped
 #         by filter.min_class_prob). Why: at guidance 1 the classifier lost most where the filter refused the most
 #         samples for a low class probability, so class fidelity may be what the classifier needs.
+#       filter.detector_keep=0.5 (with guidance 3, the stricter filter and the larger draw of the ratio-0.5 form
+#         below, given as generation.per_class_of={...}, so that ratio 0.25 is still covered): the filter's check (d)
+#         keeps the half of each class's samples that a real-vs-synthetic classifier finds least synthetic. Why: that
+#         classifier tells the samples from real images with AUC 0.83-1.00 (quality's C2ST), and the synthetic look
+#         is what the classifier could learn as a class cue.
 #   - ratio 0.5 (gen2400_e6_r0.5_with KEY=VALUE ..., on a copy of a gen2400_e6_with folder): the same pair with
 #     twice the synthetic images per class (more samples are drawn). Why: at ratio 0.25 the stricter filter's recipe
 #     gained in the mean over oversampling (within noise); the rare-only sweep of the first form lost least at 0.5.
