@@ -116,3 +116,18 @@ def test_c2st_is_chance_for_one_distribution_and_one_for_separable_sets():
 def test_c2st_needs_two_rows_per_set():
     with pytest.raises(ValueError, match="at least 2 rows"):
         c2st_auc(np.zeros((1, 4)), np.ones((5, 4)))
+
+
+def test_c2st_in_compare_leaves_the_other_numbers_as_they_were():
+    """The C2ST draws its folds from a stream of its own: turning it on or off changes no FD / KID / PRDC value."""
+    from dermsynth.metrics.quality import QualityConfig, compare
+
+    rng = np.random.default_rng(0)
+    src = {"df": rng.normal(size=(30, 16)) + 1.5, "mel": rng.normal(size=(40, 16)) + 1.5}
+    ref = {"df": rng.normal(size=(30, 16)), "mel": rng.normal(size=(40, 16))}
+    counts = {"df": 10, "mel": 20}
+    on = compare(src, ref, counts, "x", QualityConfig(repeats=3), seed=7)
+    off = compare(src, ref, counts, "x", QualityConfig(repeats=3, c2st_folds=0), seed=7)
+    assert "C2ST_x" in on and "C2ST_x" not in off
+    assert {m: v for m, v in on.items() if not m.startswith("C2ST")} == off
+    assert on["C2ST_x"] > 0.9  # a shift of 1.5 in all 16 dimensions is plain at N = 30

@@ -85,6 +85,7 @@ def compare(source: dict[str, np.ndarray], ref: dict[str, np.ndarray], counts: d
     ``repeats`` draws."""
     n = sum(counts.values())
     rng = np.random.default_rng(seed)
+    c2st_rng = np.random.default_rng([seed, 1])  # its own stream: the draws, and so FD/KID, are as without it
     k = min(cfg.prdc_k, n - 1)
     vals: dict[str, list[float]] = {m: [] for m in ("FD", "KID", "precision", "recall", "density", "coverage", "C2ST")}
     for _ in range(cfg.repeats):
@@ -92,7 +93,7 @@ def compare(source: dict[str, np.ndarray], ref: dict[str, np.ndarray], counts: d
         vals["FD"].append(dist.frechet_distance(s, r))
         vals["KID"].extend(dist.kid_subsets(s, r, cfg.kid_subset_size, 1, seed=int(rng.integers(1 << 31))))
         if cfg.c2st_folds:
-            vals["C2ST"].append(dist.c2st_auc(s, r, cfg.c2st_folds, seed=int(rng.integers(1 << 31))))
+            vals["C2ST"].append(dist.c2st_auc(s, r, cfg.c2st_folds, seed=int(c2st_rng.integers(1 << 31))))
         if k >= 1:
             for m, v in dist.prdc(r, s, k).items():
                 vals[m].append(v)
