@@ -165,10 +165,14 @@ def c2st_auc(x: np.ndarray, y: np.ndarray, folds: int = 5, c: float = 0.01, seed
     synthetic images; this measures how visible that look is, per class, where FD and KID only say how far apart the
     sets are.
     """
+    return c2st_auc_of(c2st_scores(x, y, folds, c, seed), len(x))
+
+
+def c2st_auc_of(scores: np.ndarray, n_x: int) -> float:
+    """The ROC AUC of :func:`c2st_scores` output whose first ``n_x`` rows are the ``x`` set."""
     from sklearn.metrics import roc_auc_score
 
-    score = c2st_scores(x, y, folds, c, seed)
-    return float(roc_auc_score(np.r_[np.ones(len(x)), np.zeros(len(y))], score))
+    return float(roc_auc_score(np.r_[np.ones(n_x), np.zeros(len(scores) - n_x)], scores))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

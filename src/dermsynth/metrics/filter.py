@@ -32,7 +32,7 @@ from dermsynth.config import ConfigError, save_config, to_dict
 from dermsynth.data.labels import CLASSES
 from dermsynth.data.manifest import REQUIRED_COLUMNS, write_manifest
 from dermsynth.io import atomic_write_csv, atomic_write_json
-from dermsynth.metrics.distribution import c2st_scores, realism_inside
+from dermsynth.metrics.distribution import c2st_auc_of, c2st_scores, realism_inside
 from dermsynth.metrics.feature_cache import (default_out, features_and_logits, load_images, native_size,
                                               samples_on_split)
 from dermsynth.metrics.features import ExtractorSpec, make_extractor
@@ -110,8 +110,6 @@ def detector_check(syn_f: np.ndarray, syn_labels: pd.Series, train_f: np.ndarray
                    cfg: FilterConfig) -> tuple[np.ndarray, np.ndarray, dict[str, dict]]:
     """Check (d): held-out "looks synthetic" score per synthetic image, whether it is kept, and per class the
     detector's AUC and the score cut-off."""
-    from sklearn.metrics import roc_auc_score
-
     score, keep, info = np.full(len(syn_f), np.nan), np.ones(len(syn_f), bool), {}
     for c in dict.fromkeys(syn_labels):
         m_s, m_t = (syn_labels == c).to_numpy(), (train_labels == c).to_numpy()
@@ -124,7 +122,7 @@ def detector_check(syn_f: np.ndarray, syn_labels: pd.Series, train_f: np.ndarray
         n_keep = int(np.ceil(cfg.detector_keep * len(own)))
         cut = np.sort(own)[n_keep - 1]  # ties at the cut-off are kept
         score[m_s], keep[m_s] = own, own <= cut
-        auc = float(roc_auc_score(np.r_[np.ones(len(own)), np.zeros(len(s) - len(own))], s))
+        auc = c2st_auc_of(s, len(own))
         info[c] = {"auc": auc, "cutoff": float(cut), "kept": int((own <= cut).sum()), "n_train": int(m_t.sum())}
         log.info("filter %s: real-vs-synthetic detector AUC %.3f (held out); keeps the %d least synthetic-looking "
                  "of %d", c, auc, info[c]["kept"], len(own))
