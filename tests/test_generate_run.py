@@ -12,10 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dermsynth.cli import main as cli_main
-from dermsynth.config import load_config
+from dermsynth.config import ConfigError, load_config
 from dermsynth.data.labels import CLASSES
 from dermsynth.data.manifest import read_manifest, write_manifest
-from dermsynth.data.split import SplitConfig, make_split
+from dermsynth.data.split import SplitConfig, load_split, make_split
 from dermsynth.generate.config import GenConfig
 from dermsynth.generate.provenance import check_samples_split, check_split_fingerprint, read_generator_info
 from dermsynth.generate.sample import generate, plan_scratch, regenerate, run_shard
@@ -182,6 +182,29 @@ def test_regenerate_one_image_bit_identically_from_its_manifest_row(trained):
     assert np.array_equal(regenerate(row.to_dict()), np.asarray(Image.open(row["path"])))
     row0 = df[df["index"] == 0].iloc[0]
     assert not np.array_equal(regenerate(row0.to_dict()), np.asarray(Image.open(row["path"])))
+
+
+def test_image_to_image_starts_from_real_train_images_and_regenerates(trained, split):
+    """strength < 1: each image records the real train image of its class it started from (cycling through all of
+    them), its own folder and ids, and is remade bit-identically from its manifest row."""
+    out = generate(trained, classes="df,mel", per_class=5, sampler="ddim", steps=4, batch_size=4, strength=0.5)
+    assert out.name == "step00000004_ddim4_g2.0_s0_img0.5"
+    df = read_manifest(out / "manifest.csv", check_files=True)
+    train = load_split(split).part("train")
+    assert (df["strength"] == 0.5).all()
+    for label, rows in df.groupby("label"):
+        src = rows.sort_values("index")["init_image_id"].tolist()
+        own = set(train.loc[train["label"] == label, "image_id"])
+        n = min(len(own), len(src))
+        assert set(src) <= own and len(set(src[:n])) == n  # every real image is used before any twice
+    for _, row in df.iterrows():
+        assert read_png_metadata(row["path"])["dermsynth:init_image_id"] == row["init_image_id"]
+    noise = generate(trained, classes="df,mel", per_class=5, sampler="ddim", steps=4, batch_size=4)
+    assert not set(df["image_id"]) & set(read_manifest(noise / "manifest.csv")["image_id"])
+    row = df[df["index"] == 4].iloc[0]  # second batch
+    assert np.array_equal(regenerate(row.to_dict()), np.asarray(Image.open(row["path"])))
+    with pytest.raises(ConfigError, match="no denoising step"):
+        generate(trained, classes="df", per_class=1, steps=4, strength=0.1)
 
 
 def test_simulated_shards_cover_each_index_once(trained, tmp_path):

@@ -10,9 +10,11 @@ from dermsynth.config import ConfigError, load_config
 from dermsynth.data.labels import CLASSES
 from dermsynth.generate.config import GenConfig
 from dermsynth.generate.models import NULL_CLASS, UNET_SIZES, build_unet, count_parameters, unet_config
-from dermsynth.generate.samplers import initial_noise, make_scheduler, sample, to_uint8, train_scheduler
-from dermsynth.generate.samples import (image_seed, make_item, open_samples_folder, plan_batches,
-                                        png_metadata, read_png_metadata, samples_dir_name, save_sample, shard)
+from dermsynth.generate.samplers import (first_step, from_uint8, initial_noise, make_scheduler, sample, to_uint8,
+                                         train_scheduler)
+from dermsynth.generate.samples import (image_seed, init_order, make_item, open_samples_folder, plan_batches,
+                                        png_metadata, read_png_metadata, samples_dir_name, save_sample, settings_tag,
+                                        shard)
 from dermsynth.generate.scratch_train import class_weights, draw_batch
 from dermsynth.io import DataError
 
@@ -101,6 +103,53 @@ def test_sampling_is_seeded_per_image():
     assert u8.dtype == torch.uint8 and u8.shape == (2, 16, 16, 3)
 
 
+def test_first_step_of_image_to_image():
+    assert first_step(25, 1.0) == 0 and first_step(25, 0.5) == 13 and first_step(10, 0.3) == 7  # int(steps * s) run
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ConfigError, match="strength must be in"):
+            first_step(10, bad)
+    with pytest.raises(ConfigError, match="no denoising step"):
+        first_step(3, 0.2)
+
+
+def test_image_to_image_ddim_matches_the_sdedit_formula():
+    """DDIM from a real image: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at the first kept step, then the usual
+    guided steps; written out by hand here against diffusers' DDIM step."""
+    unet = _random_unet()
+    sched_cfg = dict(train_scheduler("epsilon").config)
+    init = torch.rand(2, 3, 16, 16) * 2 - 1
+    got = sample(unet, make_scheduler("ddim", sched_cfg), [4, 1], [5, 6], 8, 2.0, init=init, strength=0.5)
+    ref_s = make_scheduler("ddim", sched_cfg)
+    ref_s.set_timesteps(8)
+    ts = ref_s.timesteps[4:]
+    abar = ref_s.alphas_cumprod[ts[0]]
+    x = abar.sqrt() * init + (1 - abar).sqrt() * initial_noise([5, 6], (3, 16, 16))
+    with torch.no_grad():
+        for t in ts:
+            c = unet(x, t, class_labels=torch.tensor([4, 1])).sample
+            u = unet(x, t, class_labels=torch.tensor([NULL_CLASS, NULL_CLASS])).sample
+            x = ref_s.step(u + 2.0 * (c - u), t, x).prev_sample
+    torch.testing.assert_close(got, x.clamp(-1, 1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp"])
+def test_image_to_image_stays_near_its_init_at_low_strength(name):
+    unet = _random_unet()
+    sched_cfg = dict(train_scheduler("epsilon").config)
+    init = from_uint8(np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
+    assert torch.equal(to_uint8(init), torch.as_tensor(to_uint8(init)))  # from_uint8 inverts to_uint8 exactly
+    out = {s: sample(unet, make_scheduler(name, sched_cfg), [3, 3], [1, 2], 20, 2.0, init=init, strength=s)
+           for s in (0.1, 0.5, 1.0)}
+    free = sample(unet, make_scheduler(name, sched_cfg), [3, 3], [1, 2], 20, 2.0)
+    dist = {s: (x - init).abs().mean().item() for s, x in {**out, "free": free}.items()}
+    # the less noise is added, the more of the real image is kept; strength 1 starts at the last timestep, where
+    # the cosine schedule keeps sqrt(2.4e-9) of the signal: about the image from pure noise
+    assert dist[0.1] < 0.25 * dist["free"] and dist[0.1] < dist[0.5] < dist["free"]
+    assert (out[1.0] - free).abs().mean() < 0.01 * dist["free"]
+    with pytest.raises(ValueError, match="init images have shape"):
+        sample(unet, make_scheduler(name, sched_cfg), [3], [1], 4, 2.0, init=init, strength=0.5)
+
+
 def test_unknown_sampler_is_refused():
     with pytest.raises(ConfigError, match="unknown sampler"):
         make_scheduler("euler", dict(train_scheduler("epsilon").config))
@@ -172,6 +221,20 @@ def test_shards_cover_every_index_exactly_once(world):
     batches = plan_batches(["df", "vasc", "mel"], 11, 4, 0, "tag")
     seen = [it.image_id for r in range(world) for b in shard(batches, r, world) for it in b.items]
     assert len(seen) == len(set(seen)) == 33
+
+
+def test_init_order_uses_every_real_image_before_any_twice():
+    order = init_order(3, "df", 7)
+    assert sorted(order) == list(range(7)) and np.array_equal(order, init_order(3, "df", 7))
+    assert not np.array_equal(order, init_order(3, "vasc", 7))  # each class its own order
+
+
+def test_strength_enters_the_image_ids_only_when_set():
+    s = {"kind": "scratch", "checkpoint_hash": "abc", "weights": "ema", "sampler": "ddim", "steps": 10,
+         "guidance": 2.0, "seed": 0, "batch_size": 8, "image_size": 32}
+    # a folder made before image-to-image existed keeps its ids: strength None hashes as if the key were absent
+    assert settings_tag({**s, "strength": None}) == settings_tag(s) == "f57bb3e2"  # the tag of the release before
+    assert settings_tag({**s, "strength": 0.5}) not in (settings_tag(s), settings_tag({**s, "strength": 0.6}))
 
 
 def test_samples_dir_name():

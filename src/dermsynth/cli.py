@@ -68,7 +68,7 @@ def cmd_train_gen(a: argparse.Namespace) -> Any:
 def cmd_generate(a: argparse.Namespace) -> Any:
     return _lazy("dermsynth.generate.sample", "generate")(
         a.gen, classes=a.classes, per_class=a.per_class, out=a.out, sampler=a.sampler, steps=a.steps,
-        guidance=a.guidance, seed=a.seed, batch_size=a.batch_size, checkpoint=a.checkpoint)
+        guidance=a.guidance, seed=a.seed, batch_size=a.batch_size, checkpoint=a.checkpoint, strength=a.strength)
 
 
 def cmd_quality(a: argparse.Namespace) -> Any:
@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--batch-size", type=int, default=None)
     q.add_argument("--checkpoint", default="latest", help="'latest', 'ema' or a checkpoint folder")
+    q.add_argument("--strength", type=float, default=1.0,
+                   help="< 1: image-to-image, each image a variation of a real train image of its class (this share "
+                        "of the schedule re-run); 1 = from pure noise")
     q.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quality", help="FD/KID, precision/recall/density/coverage, diversity, memorisation vs real floors")

@@ -13,17 +13,20 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from dermsynth.config import ConfigError
+from dermsynth.data.cache import CachedImages, build_cache
 from dermsynth.data.labels import CLASSES, parse_classes
 from dermsynth.generate.models import load_unet, weights_file
 from dermsynth.generate.provenance import read_generator_info
-from dermsynth.generate.samplers import SAMPLERS, make_scheduler, sample, to_uint8
-from dermsynth.generate.samples import (SampleItem, SamplePlan, image_seed, missing,
+from dermsynth.generate.samplers import SAMPLERS, first_step, from_uint8, make_scheduler, sample, to_uint8
+from dermsynth.generate.samples import (SampleBatch, SampleItem, SamplePlan, image_seed, init_order, missing,
                                         open_samples_folder, plan_batches, samples_dir_name, save_sample,
                                         settings_tag, shard, write_samples_manifest)
-from dermsynth.generate.scratch_train import STATE_JSON, list_checkpoints, resolve_checkpoint
+from dermsynth.generate.scratch_train import STATE_JSON, list_checkpoints, resolve_checkpoint, train_rows
 from dermsynth.io import DataError, sha256_file
 from dermsynth.paths import RunPaths
 from dermsynth.runlog import get_logger, run_log
@@ -32,10 +35,17 @@ from dermsynth.runlog import get_logger, run_log
 def generate(gen_run: str | Path, classes: str | list[str] = "df,vasc,mel", per_class: int = 800,
              out: str | Path | None = None, sampler: str | None = None, steps: int | None = None,
              guidance: float | None = None, seed: int = 0, batch_size: int | None = None,
-             checkpoint: str = "latest") -> Path:
-    """Write ``per_class`` images of each class (resuming: existing images are kept); returns the samples folder."""
+             checkpoint: str = "latest", strength: float = 1.0) -> Path:
+    """Write ``per_class`` images of each class (resuming: existing images are kept); returns the samples folder.
+
+    strength < 1 makes each image a variation of one of the class's real TRAIN images (image-to-image: the real image
+    noised to that fraction of the schedule, then denoised); 1 samples from pure noise.
+    """
     gen_run = Path(gen_run)
     info = read_generator_info(gen_run)
+    if strength != 1.0 and info.get("kind") != "scratch":
+        raise ConfigError(f"strength {strength}: image-to-image sampling is built for the from-scratch generator "
+                          f"only; {gen_run} is a {info.get('kind')!r} run")
     if info.get("kind") == "sd15_lora":
         from dermsynth.generate.sd15.sample import generate_sd
 
@@ -47,16 +57,16 @@ def generate(gen_run: str | Path, classes: str | list[str] = "df,vasc,mel", per_
 
     state = PartialState()
     plan = plan_scratch(gen_run, info, classes, per_class, out, sampler, steps, guidance, seed, batch_size,
-                        checkpoint, write=state.is_main_process)
+                        checkpoint, strength, write=state.is_main_process)
     if state.num_processes > 1:  # the others read the samples.json the main process just wrote
         state.wait_for_everyone()
         plan = plan_scratch(gen_run, info, classes, per_class, out, sampler, steps, guidance, seed, batch_size,
-                            checkpoint, write=False)
+                            checkpoint, strength, write=False)
     with run_log(plan.folder) if state.is_main_process else contextlib.nullcontext():
         run_shard(plan, state.process_index, state.num_processes, state.device)
         state.wait_for_everyone()
         if state.is_main_process:
-            write_samples_manifest(plan.folder, plan.batches, plan.settings)
+            write_samples_manifest(plan.folder, plan.batches, plan.settings, init_ids(plan))
             get_logger("generate").info("samples ready: %s", plan.folder)
     state.wait_for_everyone()
     return plan.folder
@@ -64,7 +74,7 @@ def generate(gen_run: str | Path, classes: str | list[str] = "df,vasc,mel", per_
 
 def plan_scratch(gen_run: Path, info: Mapping[str, Any], classes: str | list[str], per_class: int,
                  out: str | Path | None, sampler: str | None, steps: int | None, guidance: float | None, seed: int,
-                 batch_size: int | None, checkpoint: str, write: bool = True) -> SamplePlan:
+                 batch_size: int | None, checkpoint: str, strength: float = 1.0, write: bool = True) -> SamplePlan:
     """Resolve defaults, checkpoint and folder; check (or create) the folder's samples.json; list the batches."""
     wanted = parse_classes(classes)
     unknown = [c for c in wanted if c not in info["classes"]]
@@ -76,6 +86,8 @@ def plan_scratch(gen_run: Path, info: Mapping[str, Any], classes: str | list[str
         raise DataError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
     steps = int(steps or defaults.get("steps", 25))
     guidance = float(guidance if guidance is not None else defaults.get("guidance", 2.0))
+    if strength != 1.0:
+        first_step(steps, strength)  # refuses a strength that leaves no step, before anything is written
     weights = "raw" if checkpoint == "raw" or not defaults.get("use_ema", True) else "ema"
     ckpt = resolve_checkpoint(gen_run, checkpoint)
     step = int(json.loads((ckpt / STATE_JSON).read_text())["step"])
@@ -86,14 +98,53 @@ def plan_scratch(gen_run: Path, info: Mapping[str, Any], classes: str | list[str
         "batch_size": batch_size, "image_size": int(info["image_size"]),
         "precision": defaults.get("precision", "auto"), "clip_x0": bool(defaults.get("clip_x0", True)),
         "split": info.get("split"), "split_fingerprint": info.get("split_fingerprint"),
+        "strength": float(strength) if strength != 1.0 else None,
     }
-    name = samples_dir_name(step, sampler, steps, guidance, seed, "" if weights == "ema" else "raw")
+    suffix = "_".join(([] if weights == "ema" else ["raw"]) + ([] if strength == 1.0 else [f"img{strength:g}"]))
+    name = samples_dir_name(step, sampler, steps, guidance, seed, suffix)
     folder = Path(out) if out is not None else RunPaths(gen_run).samples_root / name
     if settings["batch_size"] is None and not (folder / "samples.json").is_file():
         settings["batch_size"] = int(defaults.get("batch_size", 64))
     settings = open_samples_folder(folder, settings, write=write)
     batches = plan_batches(wanted, per_class, int(settings["batch_size"]), int(seed), settings_tag(settings))
     return SamplePlan(folder=folder, settings=settings, batches=batches)
+
+
+def generator_train_rows(info: Mapping[str, Any]) -> pd.DataFrame:
+    """The rows the generator learnt from (its split's TRAIN part, its classes), for image-to-image sources; the
+    split must not have changed since."""
+    split, df, _ = train_rows(str(info["split"]), list(info["classes"]))
+    if split.fingerprint != info.get("split_fingerprint"):
+        raise DataError(f"{info['split']} changed since the generator was trained on it (fingerprint "
+                        f"{split.fingerprint[:12]}... against {str(info.get('split_fingerprint'))[:12]}...): "
+                        f"image-to-image sampling needs the generator's own train images")
+    return df
+
+
+def init_sources(df: pd.DataFrame, label: str, base_seed: int) -> list[str]:
+    """Ids of class ``label``'s train images in :func:`init_order`: image i of the class starts from [i % n]."""
+    ids = sorted(df.loc[df["label"] == label, "image_id"])
+    if not ids:
+        raise DataError(f"the generator's train part has no {label} image to start image-to-image sampling from")
+    return [ids[i] for i in init_order(base_seed, label, len(ids))]
+
+
+def init_ids(plan: SamplePlan) -> dict[str, str] | None:
+    """image_id -> the real image it started from (image-to-image folders; None otherwise)."""
+    if plan.settings.get("strength") is None:
+        return None
+    df = generator_train_rows(read_generator_info(plan.settings["generator"]))
+    out = {}
+    for label in sorted({b.label for b in plan.batches}):
+        ids = init_sources(df, label, int(plan.settings["seed"]))
+        out.update({it.image_id: ids[it.index % len(ids)] for b in plan.batches if b.label == label for it in b.items})
+    return out
+
+
+def init_batch(cache: CachedImages, ids: list[str], batch: SampleBatch) -> torch.Tensor:
+    """The init images of every seed of ``batch`` (the batch always runs full), in [-1, 1] NCHW."""
+    first = batch.number * len(batch.seeds)
+    return from_uint8(cache.take([ids[i % len(ids)] for i in range(first, first + len(batch.seeds))]))
 
 
 def run_shard(plan: SamplePlan, rank: int, world: int, device: Any = "cpu") -> list[SampleItem]:
@@ -105,16 +156,25 @@ def run_shard(plan: SamplePlan, rank: int, world: int, device: Any = "cpu") -> l
     s = plan.settings
     t0 = time.perf_counter()
     unet = load_unet(Path(s["checkpoint"]), s["weights"], device)
-    scheduler = make_scheduler(s["sampler"], read_generator_info(s["generator"])["schedule"], s["clip_x0"])
+    info = read_generator_info(s["generator"])
+    scheduler = make_scheduler(s["sampler"], info["schedule"], s["clip_x0"])
+    strength = s.get("strength")
+    if strength is not None:  # the generator's own train cache: built when it trained, reused here
+        df = generator_train_rows(info)
+        cache = build_cache(df, int(info["image_size"]), progress=False)
+        sources = {label: init_sources(df, label, int(s["seed"])) for label in sorted({b.label for b, _ in todo})}
     spent = {"load": time.perf_counter() - t0, "sample": 0.0, "write": 0.0}  # where a slow stage spends its time
     for batch, miss in tqdm(todo, desc=f"generate[{rank}]", leave=False, disable=rank != 0 and world > 1):
         t0 = time.perf_counter()
         labels = [CLASSES.index(batch.label)] * len(batch.seeds)
-        images = to_uint8(sample(unet, scheduler, labels, batch.seeds, s["steps"], s["guidance"], s["precision"]))
+        init = None if strength is None else init_batch(cache, sources[batch.label], batch)
+        images = to_uint8(sample(unet, scheduler, labels, batch.seeds, s["steps"], s["guidance"], s["precision"],
+                                 init, strength or 1.0))
         t1 = time.perf_counter()
         first = batch.number * len(batch.seeds)
         for item in miss:
-            save_sample(plan.folder, item, images[item.index - first].numpy(), s)
+            init_id = None if strength is None else sources[batch.label][item.index % len(sources[batch.label])]
+            save_sample(plan.folder, item, images[item.index - first].numpy(), s, init_id)
             written.append(item)
         spent["sample"] += t1 - t0
         spent["write"] += time.perf_counter() - t1
@@ -141,8 +201,15 @@ def regenerate(row: Mapping[str, Any], device: str = "cpu") -> np.ndarray:
     if seeds[index - number * bs] != int(row["seed"]):
         raise DataError(f"manifest row of {row.get('image_id')}: seed {row['seed']} does not follow from base seed "
                         f"{base}, class {label}, index {index}")
+    strength = row.get("strength")
+    init = None
+    if strength is not None and not pd.isna(strength):  # image-to-image: the same real images for the whole batch
+        df = generator_train_rows(info)
+        init = init_batch(build_cache(df, int(info["image_size"]), progress=False), init_sources(df, label, base),
+                          SampleBatch(label, number, tuple(seeds), ()))
     unet = load_unet(ckpt, weights, device)
     scheduler = make_scheduler(str(row["sampler"]), info["schedule"], bool(info.get("sampling", {}).get("clip_x0", True)))
     images = sample(unet, scheduler, [CLASSES.index(label)] * bs, seeds, int(row["steps"]), float(row["guidance"]),
-                    "no" if torch.device(device).type == "cpu" else "auto")
+                    "no" if torch.device(device).type == "cpu" else "auto", init,
+                    1.0 if init is None else float(strength))
     return to_uint8(images)[index - number * bs].numpy()

@@ -2,17 +2,19 @@
 
 The schedules are diffusers' own (DDPM for training; DDIM and DPM-Solver++ for sampling) built from one saved config,
 so training and sampling always agree on betas and prediction type. The loop is kept short and visible, as in
-diffusers' DDPMPipeline, with three things added:
+diffusers' DDPMPipeline, with four things added:
 - classifier-free guidance with the conditional and unconditional halves in ONE batched forward pass;
 - the initial noise of each image drawn from its own seeded ``torch.Generator``, so an image depends only on its seed
   (not on batch composition) and can be regenerated from its manifest row;
-- bf16/fp16 autocast of the UNet on GPU, while the scheduler arithmetic stays in fp32.
+- bf16/fp16 autocast of the UNet on GPU, while the scheduler arithmetic stays in fp32;
+- optionally, a start from a real image noised part of the way (image-to-image, ``strength`` < 1).
 """
 from __future__ import annotations
 
 import contextlib
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 
@@ -59,24 +61,48 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Te
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+def first_step(steps: int, strength: float) -> int:
+    """Index of the first of ``steps`` timesteps an image-to-image run takes: it denoises int(steps * strength) of
+    them, as diffusers' img2img pipelines do. strength 1 = from pure noise (every step)."""
+    if not 0.0 < strength <= 1.0:
+        raise ConfigError(f"strength must be in (0, 1], got {strength}")
+    n = min(int(steps * strength), steps)
+    if n < 1:
+        raise ConfigError(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
+    return steps - n
+
+
 @torch.no_grad()
 def sample(unet: UNet2DModel, scheduler: Any, labels: Sequence[int], seeds: Sequence[int], steps: int,
-           guidance: float, precision: str = "auto") -> torch.Tensor:
+           guidance: float, precision: str = "auto", init: torch.Tensor | None = None,
+           strength: float = 1.0) -> torch.Tensor:
     """Images in [-1, 1] (N, 3, H, W, fp32 on CPU) for class indices ``labels``, one seed per image.
 
     guidance = 1 runs the conditional pass only; otherwise eps = uncond + guidance * (cond - uncond) with both halves
-    in one batched forward.
+    in one batched forward. With ``init`` (N, 3, H, W in [-1, 1]) and strength < 1 each image starts from its init
+    image noised to the level of step :func:`first_step` and is denoised from there (SDEdit, Meng et al. 2022): a
+    variation of a real image rather than an image from nothing.
     """
     device = next(unet.parameters()).device
     size = unet.config.sample_size
     x = initial_noise(seeds, (unet.config.in_channels, size, size)).to(device)
+    scheduler.set_timesteps(steps, device=device)
+    timesteps = scheduler.timesteps
+    if init is None:
+        x = x * scheduler.init_noise_sigma
+    else:
+        if init.shape != x.shape:
+            raise ValueError(f"init images have shape {tuple(init.shape)}, the generator makes {tuple(x.shape)}")
+        skip = first_step(steps, strength)
+        timesteps = timesteps[skip:]
+        if hasattr(scheduler, "set_begin_index"):  # multistep solvers index their sigmas from here
+            scheduler.set_begin_index(skip)
+        x = scheduler.add_noise(init.to(device, torch.float32), x, timesteps[:1].repeat(len(x)))
     cond = torch.as_tensor(list(labels), dtype=torch.long, device=device)
     guided = guidance != 1.0
     cls = torch.cat([cond, torch.full_like(cond, NULL_CLASS)]) if guided else cond
     channels_last = device.type == "cuda"
-    scheduler.set_timesteps(steps, device=device)
-    x = x * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    for t in timesteps:
         inp = torch.cat([x, x]) if guided else x
         inp = scheduler.scale_model_input(inp, t)
         if channels_last:
@@ -88,6 +114,11 @@ def sample(unet: UNet2DModel, scheduler: Any, labels: Sequence[int], seeds: Sequ
             out = out_u + guidance * (out_c - out_u)
         x = scheduler.step(out, t, x).prev_sample
     return x.clamp(-1, 1).cpu()
+
+
+def from_uint8(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """NHWC uint8 -> [-1, 1] NCHW float32: the inverse of :func:`to_uint8`, for init images."""
+    return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def to_uint8(images: torch.Tensor) -> "torch.Tensor":

@@ -19,7 +19,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,7 +35,10 @@ METADATA_PREFIX = "dermsynth:"
 IPTC_TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 # Settings that define what is in a samples folder: resuming with any of them changed would mix two generators.
 FIXED_SETTINGS = ("kind", "checkpoint_hash", "weights", "sampler", "steps", "guidance", "seed", "batch_size",
-                  "image_size")
+                  "image_size", "strength")
+# Fixed settings added later: unset (None) in older folders, so they enter the image-id hash only when set, and the
+# ids of a folder made before them stay the same. strength: image-to-image sampling (None = from pure noise).
+LATER_SETTINGS = ("strength",)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -58,7 +61,8 @@ def image_seed(base_seed: int, label: str, index: int) -> int:
 
 def settings_tag(settings: dict[str, Any]) -> str:
     """Short hash of a folder's fixed settings, used in image ids so two folders never share an id."""
-    canon = json.dumps({k: settings.get(k) for k in FIXED_SETTINGS}, sort_keys=True)
+    canon = json.dumps({k: settings.get(k) for k in FIXED_SETTINGS
+                        if k not in LATER_SETTINGS or settings.get(k) is not None}, sort_keys=True)
     return hashlib.sha256(canon.encode()).hexdigest()[:8]
 
 
@@ -83,6 +87,12 @@ class SampleBatch:
     number: int
     seeds: tuple[int, ...]
     items: tuple[SampleItem, ...]
+
+
+def init_order(base_seed: int, label: str, n: int) -> np.ndarray:
+    """Image-to-image: image ``index`` of class ``label`` starts from real image ``order[index % n]`` of the class's
+    ``n`` train images (sorted by id). A seeded permutation, cycled, so every real image is used before any twice."""
+    return np.random.default_rng(image_seed(base_seed, label, -1)).permutation(n)
 
 
 def make_item(label: str, index: int, base_seed: int, tag: str) -> SampleItem:
@@ -167,8 +177,9 @@ def read_samples_settings(folder: str | Path) -> dict[str, Any]:
 # PNG provenance
 # ----------------------------------------------------------------------------------------------------------------------
 
-def png_metadata(item: SampleItem, settings: dict[str, Any]) -> dict[str, str]:
-    """Text chunks that mark an image as AI-generated and say exactly how to remake it."""
+def png_metadata(item: SampleItem, settings: dict[str, Any], init_id: str | None = None) -> dict[str, str]:
+    """Text chunks that mark an image as AI-generated and say exactly how to remake it (and, for image-to-image,
+    which real image it started from)."""
     meta = {
         "Software": f"dermsynth {__version__}",
         "Description": f"AI-generated synthetic dermoscopy-like image of class '{item.label}'; not a real patient; "
@@ -182,13 +193,17 @@ def png_metadata(item: SampleItem, settings: dict[str, Any]) -> dict[str, str]:
               "base_seed": settings.get("seed"), "batch_size": settings.get("batch_size"),
               "sampler": settings.get("sampler"), "steps": settings.get("steps"), "guidance": settings.get("guidance"),
               "image_id": item.image_id}
+    if settings.get("strength") is not None:
+        fields.update({"strength": settings["strength"], "init_image_id": init_id})
     meta.update({METADATA_PREFIX + k: str(v) for k, v in fields.items()})
     return meta
 
 
-def save_sample(folder: Path, item: SampleItem, image: np.ndarray, settings: dict[str, Any]) -> Path:
+def save_sample(folder: Path, item: SampleItem, image: np.ndarray, settings: dict[str, Any],
+                init_id: str | None = None) -> Path:
     """Write one generated image (HxWx3 uint8) as a PNG with provenance, atomically."""
-    return atomic_save_image(folder / item.relpath, np.asarray(image, dtype=np.uint8), png_metadata(item, settings))
+    return atomic_save_image(folder / item.relpath, np.asarray(image, dtype=np.uint8),
+                             png_metadata(item, settings, init_id))
 
 
 def read_png_metadata(path: str | Path) -> dict[str, str]:
@@ -202,7 +217,9 @@ def read_png_metadata(path: str | Path) -> dict[str, str]:
 # Manifest
 # ----------------------------------------------------------------------------------------------------------------------
 
-def manifest_rows(items: Iterable[SampleItem], folder: Path, settings: dict[str, Any]) -> pd.DataFrame:
+def manifest_rows(items: Iterable[SampleItem], folder: Path, settings: dict[str, Any],
+                  init_ids: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One manifest row per item; image-to-image folders add ``strength`` and ``init_image_id`` (its real image)."""
     rows = [{
         "image_id": it.image_id, "group_id": it.image_id, "label": it.label, "path": str((folder / it.relpath).resolve()),
         "source": "synthetic", "seed": it.seed, "base_seed": settings["seed"], "index": it.index,
@@ -211,10 +228,14 @@ def manifest_rows(items: Iterable[SampleItem], folder: Path, settings: dict[str,
         "weights": settings.get("weights"), "guidance": settings["guidance"], "sampler": settings["sampler"],
         "steps": settings["steps"],
     } for it in items]
+    if settings.get("strength") is not None:
+        for row in rows:
+            row.update(strength=settings["strength"], init_image_id=(init_ids or {})[row["image_id"]])
     return pd.DataFrame(rows)
 
 
-def write_samples_manifest(folder: str | Path, batches: Sequence[SampleBatch], settings: dict[str, Any]) -> Path:
+def write_samples_manifest(folder: str | Path, batches: Sequence[SampleBatch], settings: dict[str, Any],
+                           init_ids: Mapping[str, str] | None = None) -> Path:
     """manifest.csv over every image of ``batches`` plus rows of an earlier manifest here (other classes/counts).
 
     Every listed image must exist: a missing one means a shard did not finish, and is an error, not a silent gap.
@@ -225,7 +246,7 @@ def write_samples_manifest(folder: str | Path, batches: Sequence[SampleBatch], s
     if absent:
         raise DataError(f"{folder}: {len(absent)} planned image(s) missing, e.g. {absent[:3]}; rerun the same "
                         f"`dermsynth generate` command to finish them")
-    df = manifest_rows(items, folder, settings)
+    df = manifest_rows(items, folder, settings, init_ids)
     old_path = folder / "manifest.csv"
     if old_path.is_file():
         old = read_manifest(old_path)
