@@ -35,6 +35,9 @@
 #         keeps the half of each class's samples that a real-vs-synthetic classifier finds least synthetic. Why: that
 #         classifier tells the samples from real images with AUC 0.83-1.00 (quality's C2ST), and the synthetic look
 #         is what the classifier could learn as a class cue.
+#       generation.strength=0.5 (with guidance 3 and the stricter filter): image-to-image samples, each a real train
+#         image of its class noised halfway and denoised by the generator. Why: no selection among from-noise
+#         samples removed the synthetic look; images that keep a real lesion's layout and colours may carry less.
 #   - ratio 0.5 (gen2400_e6_r0.5_with KEY=VALUE ..., on a copy of a gen2400_e6_with folder): the same pair with
 #     twice the synthetic images per class (more samples are drawn). Why: at ratio 0.25 the stricter filter's recipe
 #     gained in the mean over oversampling (within noise); the rare-only sweep of the first form lost least at 0.5.
@@ -81,10 +84,10 @@ ALL_END="{name: hybrid_oversample_all_r0.25_realend, $R25, set: {$SEVEN, train.r
 ALL_END_E4="{name: hybrid_oversample_all_r0.25_realend_e4, $R25,
   set: {$SEVEN, train.real_only_last_epochs: 1, train.epochs: 4}}"
 RARE_END_E4="{name: hybrid_oversample_r0.25_realend_e4, $R25, set: {train.real_only_last_epochs: 1, train.epochs: 4}}"
-ALL_END_E6="{name: hybrid_oversample_all_r0.25_realend_e6, $R25,
-  set: {$SEVEN, train.real_only_last_epochs: 1, train.epochs: 6}}"
+END_E6="set: {$SEVEN, train.real_only_last_epochs: 1, train.epochs: 6}"
+ALL_END_E6="{name: hybrid_oversample_all_r0.25_realend_e6, $R25, $END_E6}"
 ALL_END_E6_R05="{name: hybrid_oversample_all_r0.5_realend_e6, sampler: oversample, synthetic: filtered, ratio: 0.5,
-  set: {$SEVEN, train.real_only_last_epochs: 1, train.epochs: 6}}"
+  $END_E6}"
 # enough for ratio 0.5 after the stricter filter (class_prob_quantile 0.5 kept 37 % of bkl, 45 % of vasc, 61 % of
 # akiec and 87-92 % of the others): train has nv 4,705, bkl 767, mel 783, bcc 356, akiec 229, vasc 102, df 80
 ALL_DRAW_R05='generation.per_class_of={df: 100, vasc: 140, mel: 480, nv: 2800, bkl: 1100, bcc: 230, akiec: 200}'

@@ -14,7 +14,9 @@ Four checks, each recorded per image so a rejection can be read back:
       synthetic image is scored by a model fitted without it, and all but the fraction f that look least synthetic
       are rejected, reason ``looks_synthetic``. Why: a classifier trained on real + synthetic images can learn the
       synthetic look as evidence for a class; keeping the images with the least of it weakens that cue. The
-      detector's held-out AUC per class is recorded (0.5: synthetic and real cannot be told apart).
+      detector's held-out AUC per class is recorded (0.5: synthetic and real cannot be told apart). It ranks every
+      image of the class, not only those (a)-(c) keep, so its count of rejections reads on its own as theirs do;
+      the share kept after all four checks is then at most f.
 Writes ``manifest.csv`` (kept images, canonical, paths to the original PNGs), ``rejected.csv`` (every rejected image
 and all its reasons) and ``filter.json`` (per-class counts in / kept / rejected by reason, thresholds, and check (b)'s
 threshold per class with how it was obtained).
