@@ -200,6 +200,8 @@ def test_a_config_change_invalidates_exactly_its_downstream_units(finished, tmp_
     # more synthetic images: samples and everything made from them, not the generator or the real-only runs
     assert _stale(finished, tiny("generation.per_class=6")) == {
         "samples", "filter", "quality/samples", "quality/filtered"} | hybrids
+    assert _stale(finished, tiny("generation.strength=0.5")) == {  # image-to-image samples: the same downstream
+        "samples", "filter", "quality/samples", "quality/filtered"} | hybrids
     # the filter's thresholds: the filtered set and what uses it, not the unfiltered runs
     assert _stale(finished, tiny("filter.min_class_prob=0.1")) == {
         "filter", "quality/filtered"} | {h for h in hybrids if "unfiltered" not in h}
@@ -246,6 +248,8 @@ def test_config_validation_names_the_problem():
         validate(tiny("generation.per_class_of={xyz: 10}"))
     with pytest.raises(ConfigError, match="generation.per_class_of.*'nv': 0"):
         validate(tiny("generation.per_class_of={nv: 0}"))
+    with pytest.raises(ConfigError, match="generation.strength must be in"):
+        validate(tiny("generation.strength=0"))
     # a class that is not rare is drawn too, so that a recipe can give every class synthetic images
     assert drawn_classes(tiny("generation.per_class_of={df: 4, nv: 3}")) == {"df": 4, "vasc": 8, "mel": 8, "nv": 3}
     with pytest.raises(ConfigError, match="condition 'real'.*unknown"):

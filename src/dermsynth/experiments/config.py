@@ -242,6 +242,8 @@ def validate(cfg: StudyConfig) -> tuple[list[Condition], dict[str, float]]:
     if bad_counts:
         raise ConfigError(f"generation.per_class_of: {bad_counts}: keys must be classes ({list(CLASSES)}), "
                           f"counts >= 1")
+    if not 0.0 < cfg.generation.strength <= 1.0:
+        raise ConfigError(f"generation.strength must be in (0, 1] (1 = from pure noise), got {cfg.generation.strength}")
     unknown = sorted(set(cfg.quality_on) - {"samples", "filtered"})
     if unknown:
         raise ConfigError(f"quality_on: unknown set(s) {unknown}; use 'samples' and/or 'filtered'")
