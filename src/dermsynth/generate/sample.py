@@ -129,16 +129,18 @@ def init_sources(df: pd.DataFrame, label: str, base_seed: int) -> list[str]:
     return [ids[i] for i in init_order(base_seed, label, len(ids))]
 
 
+def init_map(sources: Mapping[str, list[str]], batches: list[SampleBatch]) -> dict[str, str]:
+    """image_id -> the real image it starts from, for every item of ``batches`` (``sources``: init_sources per class)."""
+    return {it.image_id: sources[b.label][it.index % len(sources[b.label])] for b in batches for it in b.items}
+
+
 def init_ids(plan: SamplePlan) -> dict[str, str] | None:
     """image_id -> the real image it started from (image-to-image folders; None otherwise)."""
     if plan.settings.get("strength") is None:
         return None
     df = generator_train_rows(read_generator_info(plan.settings["generator"]))
-    out = {}
-    for label in sorted({b.label for b in plan.batches}):
-        ids = init_sources(df, label, int(plan.settings["seed"]))
-        out.update({it.image_id: ids[it.index % len(ids)] for b in plan.batches if b.label == label for it in b.items})
-    return out
+    seed = int(plan.settings["seed"])
+    return init_map({label: init_sources(df, label, seed) for label in {b.label for b in plan.batches}}, plan.batches)
 
 
 def init_batch(cache: CachedImages, ids: list[str], batch: SampleBatch) -> torch.Tensor:
@@ -162,7 +164,8 @@ def run_shard(plan: SamplePlan, rank: int, world: int, device: Any = "cpu") -> l
     if strength is not None:  # the generator's own train cache: built when it trained, reused here
         df = generator_train_rows(info)
         cache = build_cache(df, int(info["image_size"]), progress=False)
-        sources = {label: init_sources(df, label, int(s["seed"])) for label in sorted({b.label for b, _ in todo})}
+        sources = {label: init_sources(df, label, int(s["seed"])) for label in {b.label for b, _ in todo}}
+        init_of = init_map(sources, [b for b, _ in todo])
     spent = {"load": time.perf_counter() - t0, "sample": 0.0, "write": 0.0}  # where a slow stage spends its time
     for batch, miss in tqdm(todo, desc=f"generate[{rank}]", leave=False, disable=rank != 0 and world > 1):
         t0 = time.perf_counter()
@@ -173,8 +176,8 @@ def run_shard(plan: SamplePlan, rank: int, world: int, device: Any = "cpu") -> l
         t1 = time.perf_counter()
         first = batch.number * len(batch.seeds)
         for item in miss:
-            init_id = None if strength is None else sources[batch.label][item.index % len(sources[batch.label])]
-            save_sample(plan.folder, item, images[item.index - first].numpy(), s, init_id)
+            save_sample(plan.folder, item, images[item.index - first].numpy(), s,
+                        None if strength is None else init_of[item.image_id])
             written.append(item)
         spent["sample"] += t1 - t0
         spent["write"] += time.perf_counter() - t1
