@@ -21,7 +21,7 @@ from dermsynth.config import ConfigError
 from dermsynth.data.cache import CachedImages, build_cache
 from dermsynth.data.labels import CLASSES, parse_classes
 from dermsynth.generate.models import load_unet, weights_file
-from dermsynth.generate.provenance import read_generator_info
+from dermsynth.generate.provenance import check_split_fingerprint, read_generator_info
 from dermsynth.generate.samplers import SAMPLERS, first_step, from_uint8, make_scheduler, sample, to_uint8
 from dermsynth.generate.samples import (SampleBatch, SampleItem, SamplePlan, image_seed, init_order, missing,
                                         open_samples_folder, plan_batches, samples_dir_name, save_sample,
@@ -110,14 +110,12 @@ def plan_scratch(gen_run: Path, info: Mapping[str, Any], classes: str | list[str
     return SamplePlan(folder=folder, settings=settings, batches=batches)
 
 
-def generator_train_rows(info: Mapping[str, Any]) -> pd.DataFrame:
-    """The rows the generator learnt from (its split's TRAIN part, its classes), for image-to-image sources; the
-    split must not have changed since."""
+def generator_train_rows(gen_run: str | Path) -> pd.DataFrame:
+    """The rows generator run ``gen_run`` learnt from (its split's TRAIN part, its classes), for image-to-image
+    sources; the split must still be the one it was trained on."""
+    info = read_generator_info(gen_run)
     split, df, _ = train_rows(str(info["split"]), list(info["classes"]))
-    if split.fingerprint != info.get("split_fingerprint"):
-        raise DataError(f"{info['split']} changed since the generator was trained on it (fingerprint "
-                        f"{split.fingerprint[:12]}... against {str(info.get('split_fingerprint'))[:12]}...): "
-                        f"image-to-image sampling needs the generator's own train images")
+    check_split_fingerprint(gen_run, split)
     return df
 
 
@@ -138,7 +136,7 @@ def init_ids(plan: SamplePlan) -> dict[str, str] | None:
     """image_id -> the real image it started from (image-to-image folders; None otherwise)."""
     if plan.settings.get("strength") is None:
         return None
-    df = generator_train_rows(read_generator_info(plan.settings["generator"]))
+    df = generator_train_rows(plan.settings["generator"])
     seed = int(plan.settings["seed"])
     return init_map({label: init_sources(df, label, seed) for label in {b.label for b in plan.batches}}, plan.batches)
 
@@ -162,7 +160,7 @@ def run_shard(plan: SamplePlan, rank: int, world: int, device: Any = "cpu") -> l
     scheduler = make_scheduler(s["sampler"], info["schedule"], s["clip_x0"])
     strength = s.get("strength")
     if strength is not None:  # the generator's own train cache: built when it trained, reused here
-        df = generator_train_rows(info)
+        df = generator_train_rows(s["generator"])
         cache = build_cache(df, int(info["image_size"]), progress=False)
         sources = {label: init_sources(df, label, int(s["seed"])) for label in {b.label for b, _ in todo}}
         init_of = init_map(sources, [b for b, _ in todo])
@@ -207,7 +205,7 @@ def regenerate(row: Mapping[str, Any], device: str = "cpu") -> np.ndarray:
     strength = row.get("strength")
     init = None
     if strength is not None and not pd.isna(strength):  # image-to-image: the same real images for the whole batch
-        df = generator_train_rows(info)
+        df = generator_train_rows(gen_run)
         init = init_batch(build_cache(df, int(info["image_size"]), progress=False), init_sources(df, label, base),
                           SampleBatch(label, number, tuple(seeds), ()))
     unet = load_unet(ckpt, weights, device)
