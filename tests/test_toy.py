@@ -219,6 +219,15 @@ def test_cli_data_toy(tmp_path, capsys):
     assert (out / "config.yaml").is_file() and (out / "toy.json").is_file()
 
 
+def test_cli_data_toy_with_a_relative_out_folder(tmp_path, monkeypatch):
+    """As the README writes it (`--out data/toy`): the manifest's paths must point at the images, not at
+    data/toy/data/toy/images."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "toy", "--out", "data/toy", "--set", "n_images=40", "--set", "size=16"]) == 0
+    df = read_manifest(tmp_path / "data" / "toy" / "manifest.csv", check_files=True)
+    assert len(df) == 40 and all(Path(p).parent == tmp_path / "data" / "toy" / "images" for p in df["path"])
+
+
 def test_cli_config_file_and_bad_values(tmp_path, capsys):
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "toy"

@@ -668,7 +668,8 @@ def make_toy(out: str | Path, cfg: ToyConfig | None = None) -> Path:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        df["path"] = [str(paths.images / Path(p).name) for p in df["path"]]
+        # absolute: write_manifest reads a relative path as relative to the manifest's folder, not to the cwd
+        df["path"] = [str(paths.images.absolute() / Path(p).name) for p in df["path"]]
         counts = {c: {"images": int((df["label"] == c).sum()), "lesions": int(df.loc[df["label"] == c, "group_id"]
                                                                             .nunique())} for c in CLASSES}
         info.update(n_images=len(df), n_lesions=int(df["group_id"].nunique()), counts=counts, wall_s=round(wall, 2),
