@@ -38,6 +38,10 @@
 #       generation.strength=0.5 (with guidance 3 and the stricter filter): image-to-image samples, each a real train
 #         image of its class noised halfway and denoised by the generator. Why: no selection among from-noise
 #         samples removed the synthetic look; images that keep a real lesion's layout and colours may carry less.
+#       HYBRID_SET='train.synthetic_loss_weight: 0.5' (with generation.strength=0.25, guidance 3 and the stricter
+#         filter): each synthetic image counts half as much as a real one in the hybrid's loss. Why: the classifier
+#         learnt the synthetic look as a class cue; a lighter weight keeps the synthetic variety in every batch while
+#         it pulls the decision less.
 #   - ratio 0.5 (gen2400_e6_r0.5_with KEY=VALUE ..., on a copy of a gen2400_e6_with folder): the same pair with
 #     twice the synthetic images per class (more samples are drawn). Why: at ratio 0.25 the stricter filter's recipe
 #     gained in the mean over oversampling (within noise); the rare-only sweep of the first form lost least at 0.5.
@@ -84,7 +88,9 @@ ALL_END="{name: hybrid_oversample_all_r0.25_realend, $R25, set: {$SEVEN, train.r
 ALL_END_E4="{name: hybrid_oversample_all_r0.25_realend_e4, $R25,
   set: {$SEVEN, train.real_only_last_epochs: 1, train.epochs: 4}}"
 RARE_END_E4="{name: hybrid_oversample_r0.25_realend_e4, $R25, set: {train.real_only_last_epochs: 1, train.epochs: 4}}"
-END_E6="set: {$SEVEN, train.real_only_last_epochs: 1, train.epochs: 6}"
+# HYBRID_SET='KEY: VALUE, ...' adds classifier settings to the every-class 6-epoch hybrid only (given as KEY=VALUE,
+# a classifier setting would change the oversampling runs too, and rerun them)
+END_E6="set: {$SEVEN, train.real_only_last_epochs: 1, train.epochs: 6${HYBRID_SET:+, $HYBRID_SET}}"
 ALL_END_E6="{name: hybrid_oversample_all_r0.25_realend_e6, $R25, $END_E6}"
 ALL_END_E6_R05="{name: hybrid_oversample_all_r0.5_realend_e6, sampler: oversample, synthetic: filtered, ratio: 0.5,
   $END_E6}"

@@ -67,3 +67,20 @@ def test_build_loss_variants():
         build_loss(TrainConfig(loss="focal", focal_alpha=[1.0, 2.0]), counts)
     with pytest.raises(ConfigError, match="focal_alpha"):
         build_loss(TrainConfig(loss="focal", focal_alpha="inverse"), counts)
+
+
+@pytest.mark.parametrize("cfg", [TrainConfig(loss="ce"), TrainConfig(loss="ce", label_smoothing=0.1),
+                                 TrainConfig(loss="weighted_ce"), TrainConfig(loss="weighted_ce", label_smoothing=0.1),
+                                 TrainConfig(loss="focal", focal_alpha="balanced")])
+def test_sample_weights_count_as_copies(cfg):
+    """All-ones weights give the plain loss; weight 2 on a row equals that row twice; weight 0 equals it left out."""
+    counts = np.array([10, 20, 30, 5, 40, 100, 5])
+    loss = build_loss(cfg, counts)
+    logits, target = torch.tensor(LOGITS), torch.tensor(TARGET)
+    plain = loss(logits, target)
+    assert loss(logits, target, torch.ones(3)).item() == pytest.approx(plain.item(), rel=1e-6)
+    twice = loss(torch.cat([logits, logits[1:2]]), torch.cat([target, target[1:2]]))
+    assert loss(logits, target, torch.tensor([1.0, 2.0, 1.0])).item() == pytest.approx(twice.item(), rel=1e-6)
+    without = loss(logits[[0, 2]], target[[0, 2]])
+    assert loss(logits, target, torch.tensor([1.0, 0.0, 1.0])).item() == pytest.approx(without.item(), rel=1e-6)
+    assert twice.item() != pytest.approx(plain.item(), rel=1e-3)  # the rows differ, so the check can fail

@@ -216,6 +216,40 @@ def test_real_only_last_epochs_draw_real_rows_only_and_early_stopping_skips_to_t
         train_classifier(tiny_cfg(toy_split, "train.epochs=2", "train.real_only_last_epochs=2"), tmp_path / "r3")
 
 
+def test_synthetic_loss_weight_scales_the_synthetic_rows_of_each_batch(toy_split, tmp_path, monkeypatch):
+    import dermsynth.classify.train as train_mod
+
+    syn = _write_synthetic(tmp_path / "syn", {"df": 20, "vasc": 20, "mel": 20})
+    seen: list[np.ndarray] = []
+    weights: list[torch.Tensor | None] = []
+    real_batch, real_build = train_mod._batch, train_mod.build_loss
+    monkeypatch.setattr(train_mod, "_batch", lambda images, labels, idx, *a: seen.append(idx) or
+                        real_batch(images, labels, idx, *a))
+
+    def build(*a):
+        loss = real_build(*a)
+        forward = loss.forward
+        loss.forward = lambda logits, y, w=None: weights.append(w) or forward(logits, y, w)
+        return loss
+
+    monkeypatch.setattr(train_mod, "build_loss", build)
+    run = tmp_path / "run"
+    train_classifier(tiny_cfg(toy_split, f"data.synthetic={syn}", "train.synthetic_loss_weight=0.25",
+                              "train.real_only_last_epochs=1"), run)
+    is_syn = (pd.read_csv(run / "train_set.csv")["source"] == "synthetic").to_numpy()
+    assert len(weights) == len(seen) and is_syn.any()
+    for idx, w in zip(seen, weights):
+        assert torch.equal(w, torch.from_numpy(np.where(is_syn[idx], 0.25, 1.0)).float())
+    assert any(is_syn[idx].any() for idx in seen)  # some batches held synthetic rows, so 0.25 was used
+    assert "a synthetic image weighs 0.25 in the loss" in (run / "log.txt").read_text()
+
+    seen.clear(), weights.clear()  # real-only training: no weights at all, the plain loss
+    train_classifier(tiny_cfg(toy_split, "train.synthetic_loss_weight=0.25"), tmp_path / "real")
+    assert weights and all(w is None for w in weights)
+    with pytest.raises(ConfigError, match="synthetic_loss_weight must be > 0"):
+        train_classifier(tiny_cfg(toy_split, "train.synthetic_loss_weight=0"), tmp_path / "r3")
+
+
 def test_prior_shift_decision_is_fitted_on_val_and_scored_everywhere(toy_split, tmp_path):
     from sklearn.metrics import f1_score
 

@@ -76,6 +76,10 @@ class TrainConfig:
     # synthetic images stay while the decision is refitted to real photos. When early stopping fires before these
     # epochs, the run skips ahead to them (the learning-rate schedule where they would have begun). 0 = off.
     real_only_last_epochs: int = 0
+    # Each synthetic image's term in the loss is scaled by this (a real image's by 1); the sampler still draws them
+    # as often. Why: the classifier learnt the synthetic look as a class cue; a weight below 1 keeps the synthetic
+    # images' variety in every batch while they pull the decision less than real photos. 1 = off.
+    synthetic_loss_weight: float = 1.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     checkpoint_every: int = 1  # epochs
     checkpoint_minutes: float = 10.0  # also mid-epoch after this much time; <= 0 turns it off
@@ -121,3 +125,6 @@ def check_train(tc: TrainConfig) -> None:
     if not 0 <= tc.real_only_last_epochs < tc.epochs:
         raise ConfigError(f"train.real_only_last_epochs must be in [0, train.epochs - 1] = [0, {tc.epochs - 1}] so "
                           f"that some epochs see the synthetic images, got {tc.real_only_last_epochs}")
+    if not tc.synthetic_loss_weight > 0:
+        raise ConfigError(f"train.synthetic_loss_weight must be > 0 (1 = a synthetic image counts as a real one; "
+                          f"leave synthetic images out with data.synthetic unset), got {tc.synthetic_loss_weight}")

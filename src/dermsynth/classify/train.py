@@ -254,6 +254,11 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
     real_from = tc.epochs - tc.real_only_last_epochs if 0 < len(real_rows) < len(y_np) else tc.epochs
     if real_from < tc.epochs:
         log.info("epochs %d-%d draw the %d real training images only", real_from + 1, tc.epochs, len(real_rows))
+    sample_weight = None
+    if tc.synthetic_loss_weight != 1 and len(real_rows) < len(y_np):
+        sample_weight = torch.from_numpy(np.where(data.synthetic_mask(), tc.synthetic_loss_weight, 1.0)).float()
+        sample_weight = sample_weight.to(device)
+        log.info("a synthetic image weighs %g in the loss, a real one 1", tc.synthetic_loss_weight)
 
     # --- model, optimiser, schedule, loss -------------------------------------------------------------------------
     torch.manual_seed(tc.seed)  # same initial weights on every rank and every run of this seed
@@ -317,7 +322,10 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
             sched.step_update(prog.global_step)
             with autocast(device, tc.amp):
                 logits = model(x)
-            loss = loss_fn(logits.float(), y)
+            if sample_weight is None:
+                loss = loss_fn(logits.float(), y)
+            else:
+                loss = loss_fn(logits.float(), y, sample_weight[to_device(torch.from_numpy(batches[step]), device)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
