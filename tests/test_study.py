@@ -7,7 +7,9 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import PIL
 import pytest
+import torch
 
 import dermsynth.experiments.study as study_mod
 import dermsynth.generate.scratch_train as scratch_train
@@ -105,6 +107,11 @@ def test_every_stage_ran_and_the_report_was_built(finished):
     assert "The decision rule" in page and "Seed ensembles" in page
     ens = pd.read_csv(paths.aggregate / "ensembles.csv")
     assert set(ens["condition"]) == {"real", "hybrid", "hybrid_unfiltered", "hybrid_r2"} and (ens["n_seeds"] == 2).all()
+    # what a rerun elsewhere needs to compare with: versions (pillow resamples the images) and the CPU's kernels
+    prov = json.loads((paths.root / "provenance.json").read_text())
+    assert prov["versions"]["pillow"] == PIL.__version__
+    assert prov["device"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert prov["device"]["cpu"] and len(prov["history"]) >= 3  # one entry per invocation: two were killed
 
 
 def test_eval_levers_bench_reproduces_each_runs_own_decisions(finished, tmp_path, capsys):

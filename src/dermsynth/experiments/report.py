@@ -654,7 +654,9 @@ def _provenance(doc: Doc, paths: StudyPaths, split: dict | None) -> None:
     device = prov.get("device", {})
     facts = {"date": prov.get("date"), "device": ", ".join(device.get("gpu", [])) or
              f"CPU ({device.get('cpu')}, {device.get('cpu_count')} cores, torch threads {device.get('torch_threads')})",
-             "platform": device.get("platform"), "split fingerprint": (split or {}).get("fingerprint"),
+             "platform": device.get("platform"),
+             "torch CPU kernels": device.get("torch_cpu_capability", "not recorded"),
+             "split fingerprint": (split or {}).get("fingerprint"),
              "generator": f"{gen.get('kind')} trained on split {gen.get('split_fingerprint', '')[:16]}..."
              if gen else "none"}
     facts.update(prov.get("versions", {}))

