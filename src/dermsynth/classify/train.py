@@ -256,8 +256,7 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
         log.info("epochs %d-%d draw the %d real training images only", real_from + 1, tc.epochs, len(real_rows))
     sample_weight = None
     if tc.synthetic_loss_weight != 1 and len(real_rows) < len(y_np):
-        sample_weight = torch.from_numpy(np.where(data.synthetic_mask(), tc.synthetic_loss_weight, 1.0)).float()
-        sample_weight = sample_weight.to(device)
+        sample_weight = np.where(data.synthetic_mask(), tc.synthetic_loss_weight, 1.0).astype(np.float32)
         log.info("a synthetic image weighs %g in the loss, a real one 1", tc.synthetic_loss_weight)
 
     # --- model, optimiser, schedule, loss -------------------------------------------------------------------------
@@ -325,7 +324,7 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
             if sample_weight is None:
                 loss = loss_fn(logits.float(), y)
             else:
-                loss = loss_fn(logits.float(), y, sample_weight[to_device(torch.from_numpy(batches[step]), device)])
+                loss = loss_fn(logits.float(), y, to_device(torch.from_numpy(sample_weight[batches[step]]), device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
