@@ -106,14 +106,19 @@ def main() -> None:
              run_ours)]
     rows = []
     for name, settings, fn in todo:  # each row printed as soon as it is measured: a cut-off run keeps what it has
+        if device.type == "cuda":  # each row's own peak (the weights of both networks stay resident throughout)
+            torch.cuda.reset_peak_memory_stats()
         sec = _time(fn, a.repeats, device)
-        rows.append((name, settings, sec))
-        print(f"{name:24s} {settings:44s} {sec:9.3f} {a.batch / sec:9.1f} {rows[0][2] / sec:7.2f}x", flush=True)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        rows.append((name, settings, sec, peak))
+        print(f"{name:24s} {settings:44s} {sec:9.3f} {a.batch / sec:9.1f} {rows[0][2] / sec:7.2f}x"
+              + (f"  peak {peak:.2f} GiB" if peak is not None else ""), flush=True)
     result = {"device": device_name, "network": str(a.gen or a.size), "image_size": size, "batch": a.batch,
-              "rows": [{"path": n, "settings": s, "s_per_batch": sec, "img_per_s": a.batch / sec} for n, s, sec in rows],
+              "rows": [{"path": n, "settings": s, "s_per_batch": sec, "img_per_s": a.batch / sec, "peak_mem_gib": pk}
+                       for n, s, sec, pk in rows],
               "ratio": rows[-1][2] and rows[0][2] / rows[-1][2]}
     if device.type == "cuda":
-        result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result["peak_mem_gib"] = max(r[3] for r in rows)
     print(json.dumps(result))
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))

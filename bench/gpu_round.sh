@@ -7,6 +7,7 @@
 #   SKIP_STUDY=1 ... / SKIP_BENCHES=1 ...                     # only the benchmarks / only the 3-seed study
 #   SD_ARGS="--skip-train" ...                                # extra arguments of bench/bench_sd15.py
 #   BENCHES="sampling sd15" ...                               # a subset of: sampling randaugment gen_train sd15 datapath
+#   STUDY_SETS=bench/gpu_study_short.sets ...                 # a file of the study's --set overrides, one per line
 #
 # Needs data/ham10000-compact.tar.gz (bench/pack_ham10000.py). Order: the study with seed 0 (a complete report
 # early), the benchmarks, then the study again with all three seeds (it resumes: seed 0 is not redone). Every step
@@ -45,6 +46,9 @@ cat "$LOGS/env.txt"
 tar xzf data/ham10000-compact.tar.gz -C "$W" || { echo "no data/ham10000-compact.tar.gz"; exit 1; }
 
 STUDY=(-m dermsynth study -c configs/ham10000_gpu.yaml --set "data.root=$W/ham10000-compact" --out "$W/study")
+if [[ -n ${STUDY_SETS:-} ]]; then  # one override per line; blank lines and '#' comments skipped
+    while IFS= read -r line; do [[ $line =~ ^[[:space:]]*(#|$) ]] || STUDY+=(--set "$line"); done <"$STUDY_SETS"
+fi
 if [[ $SMOKE == 1 ]]; then  # the same path at toy sizes, on CPU
     STUDY+=(--set generator.data.image_size=16 --set generator.model.size=test --set generator.train.steps=20
             --set generator.train.checkpoint_every=10 --set generator.train.validate_every=0
