@@ -12,7 +12,8 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from dermsynth.data.labels import CLASSES
 from dermsynth.experiments.aggregate import aggregate, criteria_table, find_fid, load_aggregate, summarise
-from dermsynth.experiments.stats import lesion_bootstrap_diff, mean_ci, paired_t
+from dermsynth.experiments.stats import (detectable_over_lesions, detectable_over_seeds, lesion_bootstrap_diff,
+                                        mean_ci, paired_t)
 from dermsynth.paths import StudyPaths
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -152,6 +153,37 @@ def test_bootstrap_observed_difference_equals_sklearn_difference_averaged_over_s
 # The aggregate stage on a fake study
 # ----------------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_detectable_over_seeds_is_found_with_the_promised_power(n):
+    # simulate paired t-tests over n seeds at a true difference of exactly the detectable one: ~80 % must reject
+    sd, rng = 0.02, np.random.default_rng(n)
+    mde = detectable_over_seeds(sd, n)
+    crit = __import__("scipy").stats.t.ppf(0.975, n - 1)
+
+    def reject_rate(true_diff: float) -> float:
+        d = rng.normal(true_diff, sd, size=(40_000, n))
+        t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n))
+        return float((np.abs(t) > crit).mean())
+
+    assert reject_rate(mde) == pytest.approx(0.80, abs=0.01)
+    assert reject_rate(0.0) == pytest.approx(0.05, abs=0.01)  # the simulated test is the real one
+    assert detectable_over_seeds(2 * sd, n) == pytest.approx(2 * mde)  # linear in the spread
+
+
+def test_detectable_over_seeds_limits_and_edge_cases():
+    # many seeds: the textbook (t_0.975 + t_0.8) * sd / sqrt(n) becomes exact (t_0.975,399 1.96593, t_0.8,399 0.84252)
+    assert detectable_over_seeds(0.01, 400) == pytest.approx((1.96593 + 0.84252) * 0.01 / 20, rel=1e-3)
+    assert detectable_over_seeds(0.01, 3) > detectable_over_seeds(0.01, 5) > detectable_over_seeds(0.01, 10)
+    assert math.isnan(detectable_over_seeds(0.01, 1)) and math.isnan(detectable_over_seeds(math.nan, 3))
+    assert detectable_over_seeds(0.0, 3) == 0.0
+
+
+def test_detectable_over_lesions_from_the_bootstrap_interval_width():
+    # interval +-1.96 * 0.02 -> standard error 0.02 -> (1.96 + 0.8416) * 0.02
+    assert detectable_over_lesions(0.01 - 1.959964 * 0.02, 0.01 + 1.959964 * 0.02) == pytest.approx(0.056032, abs=1e-5)
+    assert math.isnan(detectable_over_lesions(math.nan, 0.1))
+
+
 def test_aggregate_tables_best_baseline_by_validation_and_criteria(tmp_path):
     runs = make_fake_study(tmp_path)
     out = aggregate(tmp_path, runs, baselines=["real_only", "oversampling", "focal"], primary="hybrid", n_boot=300,
@@ -177,6 +209,8 @@ def test_aggregate_tables_best_baseline_by_validation_and_criteria(tmp_path):
     assert hyb["reference"] == "focal" and hyb["diff"] == pytest.approx(0.11)  # (0.70-0.60 + 0.74-0.62 + 0.72-0.61)/3
     assert hyb["p"] == pytest.approx(paired_t([0.70, 0.74, 0.72], [0.60, 0.62, 0.61])["p"])
     assert hyb["n_lesions"] == 30 and hyb["boot_lo"] <= hyb["boot_diff"] <= hyb["boot_hi"]
+    assert hyb["detectable"] == pytest.approx(detectable_over_seeds(hyb["diff_std"], 3))
+    assert hyb["boot_detectable"] == pytest.approx(detectable_over_lesions(hyb["boot_lo"], hyb["boot_hi"]))
 
     crit = agg["criteria"].set_index("metric")
     assert crit.loc["macro_f1", "status"] == "met" and crit.loc["macro_f1", "measured"] == pytest.approx(0.72)

@@ -89,6 +89,9 @@ def test_report_holds_tables_and_embedded_images(tmp_path):
     assert NOTICE in page and "fake_study" in page
     assert "Best baseline, chosen on the VALIDATION part (never test): focal" in page
     assert "hybrid minus focal, test minority AUC: +0.120" in page  # (0.10 + 0.13 + 0.13) / 3, as minority F1
+    # beside each answer, the gains these seeds and lesions could have shown
+    assert "Smallest true difference detectable with 80 % power:" in page and "over these 3 seeds" in page
+    assert "detectable (seeds / lesions)" in page
     assert "0.720 ± 0.020" in page  # hybrid test macro-F1 mean ± std
     assert "not measurable here" in page and "FD_lite0" in page and "met (stretch)" in page
     assert "50.0000 ± 2.0000 | 20.0000 (x2.5)" in page  # FD_lite0 beside its floor

@@ -5,7 +5,8 @@ Reads each run's ``metrics.json`` (and ``predictions.csv`` for the lesion bootst
 
     runs.csv         one row per condition x seed x part x metric (the raw numbers)
     table.csv        condition x part x metric: n, mean, std, 95 % t-interval over seeds
-    comparisons.csv  each condition minus the best baseline: paired t-test over seeds and lesion-level bootstrap
+    comparisons.csv  each condition minus the best baseline: paired t-test over seeds and lesion-level bootstrap, and
+                     the smallest difference each could detect (80 % power)
     criteria.csv     the seed's success criteria, filled with what was measured (met / not met / not measurable)
     ensembles.csv    each condition's seeds averaged into one classifier (dermsynth.experiments.ensemble), with
                      lesion-bootstrap intervals; the primary's minus the best baseline's goes into aggregate.json
@@ -26,7 +27,8 @@ import pandas as pd
 
 from dermsynth.data.labels import CLASSES
 from dermsynth.experiments.ensemble import seed_ensembles
-from dermsynth.experiments.stats import BOOT_METRICS, lesion_bootstrap_diff, mean_ci, paired_t
+from dermsynth.experiments.stats import (BOOT_METRICS, detectable_over_lesions, detectable_over_seeds,
+                                        lesion_bootstrap_diff, mean_ci, paired_t)
 from dermsynth.io import DataError, atomic_write_csv, atomic_write_json
 from dermsynth.paths import RunPaths, StudyPaths
 
@@ -158,9 +160,12 @@ def compare(long: pd.DataFrame, runs: Mapping[str, Mapping[int, Path]], referenc
             row.update(boot_diff=bm["diff"] if bm else math.nan, boot_lo=bm["lo"] if bm else math.nan,
                        boot_hi=bm["hi"] if bm else math.nan, boot_p=bm["p"] if bm else math.nan,
                        n_lesions=bm["n_lesions"] if bm else 0)
+            # the gains these seeds / these test lesions could have shown (80 % power): what "no difference" rules out
+            row.update(detectable=detectable_over_seeds(row["diff_std"], row["n"], level),
+                       boot_detectable=detectable_over_lesions(row["boot_lo"], row["boot_hi"], level))
             rows.append(row)
     cols = ["condition", "reference", "metric", "n", "diff", "diff_std", "diff_lo", "diff_hi", "t", "p",
-            "boot_diff", "boot_lo", "boot_hi", "boot_p", "n_lesions"]
+            "boot_diff", "boot_lo", "boot_hi", "boot_p", "n_lesions", "detectable", "boot_detectable"]
     return pd.DataFrame(rows, columns=cols)
 
 

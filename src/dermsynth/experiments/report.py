@@ -194,11 +194,19 @@ def _answer(doc: Doc, agg: dict) -> None:
         verdict = _verdict(r)
         doc.p(f"{primary} minus {best}, test {dict(HEADLINE)[r['metric']]}: {_signed(r['diff'])} (mean over {int(r['n'])} paired "
               f"seed(s); 95 % t-interval [{_signed(r['diff_lo'])}, {_signed(r['diff_hi'])}], paired t-test p = "
-              f"{_f(r['p'])}{boot}): {verdict}.", "answer")
+              f"{_f(r['p'])}{boot}): {verdict}.{_detectable(r)}", "answer")
     _synthetic_note(doc, agg)
     if len(crit):
         met = crit["status"].str.startswith("met").sum()
         doc.p(f"Seed success criteria: {met} of {len(crit)} met (table below).")
+
+
+def _detectable(r: pd.Series) -> str:
+    """' Gains of about X (seeds) / Y (lesions) were detectable.' for a comparison row, or '' when neither is known."""
+    seeds, lesions = r.get("detectable", math.nan), r.get("boot_detectable", math.nan)
+    parts = ([f"{_f(seeds)} over these {int(r['n'])} seeds"] if math.isfinite(seeds) else []) + \
+        ([f"{_f(lesions)} over these test lesions"] if math.isfinite(lesions) else [])
+    return (" Smallest true difference detectable with 80 % power: " + " and ".join(parts) + ".") if parts else ""
 
 
 def _verdict(r: pd.Series) -> str:
@@ -508,10 +516,13 @@ def _comparisons(doc: Doc, agg: dict) -> None:
              "95 % CI over seeds (t)": f"[{_signed(r['diff_lo'])}, {_signed(r['diff_hi'])}]",
              "p (paired t)": _f(r["p"]),
              "95 % CI over test lesions (bootstrap)": f"[{_signed(r['boot_lo'])}, {_signed(r['boot_hi'])}]",
-             "p (bootstrap)": _f(r["boot_p"])} for _, r in keep.iterrows()]
+             "p (bootstrap)": _f(r["boot_p"]),
+             "detectable (seeds / lesions)": f"{_f(r.get('detectable', math.nan))} / "
+                                             f"{_f(r.get('boot_detectable', math.nan))}"} for _, r in keep.iterrows()]
     doc.table(pd.DataFrame(rows), f"paired by seed; the bootstrap resamples test lesions ({int(keep['n_lesions'].max())}"
                                   " of them) with replacement, the same draw for both conditions, "
-                                  f"{agg['info'].get('n_boot')} replicates")
+                                  f"{agg['info'].get('n_boot')} replicates; detectable: the smallest true difference "
+                                  "each test finds with 80 % power at α = 0.05")
 
 
 def _criteria(doc: Doc, agg: dict) -> None:
