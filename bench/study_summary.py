@@ -84,7 +84,9 @@ def summary(study: Path, extra_quality: dict[str, Path] | None = None) -> str:
         for _, r in comp.iterrows():
             lines.append(f"{r['condition']} - {r['reference']} {r['metric']:18s} {r['diff']:+.3f} "
                          f"(seeds CI [{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]; lesion bootstrap "
-                         f"[{r['boot_lo']:+.3f}, {r['boot_hi']:+.3f}])")
+                         f"[{r['boot_lo']:+.3f}, {r['boot_hi']:+.3f}]"
+                         + (f"; detectable {r['detectable']:.3f} / {r['boot_detectable']:.3f})" if "detectable" in r
+                            else ")"))
         if a.get("primary_val_macro_f1"):
             lines.append(f"primary chosen on val: {a['primary']} (val macro-F1 "
                          + ", ".join(f"{c} {v:.3f}" for c, v in a["primary_val_macro_f1"].items()) + ")")
