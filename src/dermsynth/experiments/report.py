@@ -202,7 +202,8 @@ def _answer(doc: Doc, agg: dict) -> None:
 
 
 def _detectable(r: pd.Series) -> str:
-    """' Gains of about X (seeds) / Y (lesions) were detectable.' for a comparison row, or '' when neither is known."""
+    """The sentence naming the smallest true difference a comparison row's seeds and test lesions could detect (80 %
+    power), or '' when neither is known (e.g. an aggregate written before these columns existed)."""
     seeds, lesions = r.get("detectable", math.nan), r.get("boot_detectable", math.nan)
     parts = ([f"{_f(seeds)} over these {int(r['n'])} seeds"] if math.isfinite(seeds) else []) + \
         ([f"{_f(lesions)} over these test lesions"] if math.isfinite(lesions) else [])
