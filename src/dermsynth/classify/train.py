@@ -321,10 +321,8 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
             sched.step_update(prog.global_step)
             with autocast(device, tc.amp):
                 logits = model(x)
-            if sample_weight is None:
-                loss = loss_fn(logits.float(), y)
-            else:
-                loss = loss_fn(logits.float(), y, to_device(torch.from_numpy(sample_weight[batches[step]]), device))
+            w = None if sample_weight is None else to_device(torch.from_numpy(sample_weight[batches[step]]), device)
+            loss = loss_fn(logits.float(), y, w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
