@@ -38,6 +38,9 @@
 #       generation.strength=0.5 (with guidance 3 and the stricter filter): image-to-image samples, each a real train
 #         image of its class noised halfway and denoised by the generator. Why: no selection among from-noise
 #         samples removed the synthetic look; images that keep a real lesion's layout and colours may carry less.
+#       generator.train.snr_gamma=5.0 (with guidance 3 and the stricter filter, from noise): the generator trained
+#         with min-SNR-5 loss weighting. Why: it lowered KID_lite0 against validation in every rare class for two
+#         generator seeds (bench/sampler_quality.py); do images nearer the real statistics help the classifier?
 #       HYBRID_SET='train.synthetic_loss_weight: 0.5' (with generation.strength=0.25, guidance 3 and the stricter
 #         filter): each synthetic image counts half as much as a real one in the hybrid's loss. Why: the classifier
 #         learnt the synthetic look as a class cue; a lighter weight keeps the synthetic variety in every batch while

@@ -55,14 +55,20 @@ if [[ $SMOKE == 1 ]]; then  # the same path at toy sizes, on CPU
             --set generator.sample.batch_size=32 --set generation.per_class=16 --set "generation.per_class_of={df: 8}"
             --set classifier.data.image_size=32
             --set classifier.model.name=test_efficientnet --set classifier.model.pretrained=none
-            --set classifier.train.epochs=1 --set filter.features.input_size=32 --set quality.features.input_size=32
+            --set classifier.train.epochs=2 --set filter.features.input_size=32 --set quality.features.input_size=32
+            # one condition of each kind; the real-only finish needs an epoch with synthetic images before it
+            --set "conditions=[{name: real_effnet}, {name: oversampling, sampler: oversample}, {name: hybrid,
+                   loss: focal, set: {train.focal_alpha: balanced}, synthetic: filtered, ratio: 1.0},
+                   {name: hybrid_oversample_realend, sampler: oversample, synthetic: filtered, ratio: 1.0,
+                   set: {train.real_only_last_epochs: 1}}]"
+            --set "baselines=[oversampling]" --set "primary_from=[hybrid, hybrid_oversample_realend]"
             --set quality.repeats=2 --set workers=2 --set n_boot=50 --set classifier.eval.n_boot=50)
     SAMPLING=(--size tiny --image-size 16 --batch 4 --repeats 1 --plain-steps 4 --steps 2)
     GENTRAIN=(--size tiny --image-size 16 --batch 4 --steps 2 --warmup 1)
     SD=(--tiny)
     RANDAUG=(--batch 8 --size 32 --repeats 1)
     DATAPATH=(--size 32 --steps 2 --blocks 1 --batch-size 16)
-    SOFT=16 DDIM_N=16 QUALITY=(--set features.input_size=32 --set repeats=2)
+    SOFT=16 DDIM_N=16
 else
     # batch 128, one timed repeat: at batch 256 with 3 repeats it did not finish within 60 s on an H200
     SAMPLING=(--size base64 --image-size 64 --batch 128 --repeats 1)
@@ -70,7 +76,7 @@ else
     SD=(--warmup 1 --gen-repeats 2 ${SD_ARGS:-})
     RANDAUG=(--batch 64 --size 128 --repeats 5)
     DATAPATH=(--size 128 --batch-size 64 --steps 30 --blocks 3)
-    SOFT=64 DDIM_N=256 QUALITY=(--set repeats=10 --set features.device=auto)
+    SOFT=64 DDIM_N=256
 fi
 
 if [[ ${SKIP_STUDY:-0} != 1 && ${SKIP_BENCHES:-0} != 1 ]]; then  # a complete one-seed report before the benchmarks
@@ -99,16 +105,15 @@ if [[ ${SKIP_STUDY:-0} != 1 ]]; then
         "$W"/study/classifiers/*/seed0 --out "$LOGS/softness.json"
     # test-time flips and the decision rule, rescored from every classifier's checkpoint (chosen on val only)
     step levers 90 $PY bench/eval_levers.py "$W/study" --out "$LOGS/levers.json"
-    # what the fast sampler costs in quality: DDIM 50 samples of the study's generator, scored like its DPM++ 25 ones
-    step ddim50_samples 120 $PY -m dermsynth generate --gen "$W/study/generator" --classes df,vasc,mel \
-        --per-class "$DDIM_N" --sampler ddim --steps 50 --out "$W/ddim50"
-    step ddim50_quality 60 $PY -m dermsynth quality --samples "$W/ddim50" --split "$W/study/split/split.json" \
-        "${QUALITY[@]}" --out "$LOGS/ddim50_quality"
+    # what the fast sampler costs in quality: the study's generator, unfiltered samples of DDIM 50 (two seeds: how
+    # much KID moves between draws) and of the study's DPM++ 25, each scored against the real test part
+    step sampler_quality 180 $PY bench/sampler_quality.py --gen "$W/study/generator" \
+        --split "$W/study/split/split.json" --out "$W/sampler_quality" --per-class "$DDIM_N" \
+        -v ddim:50:0 -v ddim:50:1 -v dpmpp:25:0 -c "$W/study/quality/samples/config.yaml"
+    cp "$W/sampler_quality/sampler_quality.json" "$LOGS/" 2>/dev/null
 fi
 
-EXTRA=()
-[[ -f $LOGS/ddim50_quality/quality.json ]] && EXTRA=(--quality "ddim50=$LOGS/ddim50_quality/quality.json")
-$PY bench/study_summary.py "$W/study" "${EXTRA[@]}" >"$LOGS/summary.txt" 2>&1
+$PY bench/study_summary.py "$W/study" >"$LOGS/summary.txt" 2>&1
 # what comes back: logs, benchmark results, the study's tables, reports, grids and logs (no PNG samples, no weights)
 tar czf "$OUT/results.tgz" -C "$W" logs \
     --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npy' --exclude='*.npz' \
@@ -116,5 +121,6 @@ tar czf "$OUT/results.tgz" -C "$W" logs \
 ls -la "$OUT"
 for f in "$LOGS"/bench_*.log "$LOGS"/softness.log; do [[ -f $f ]] || continue; echo "== $f"; grep -v -e '%|' -e '^\s*$' "$f" | tail -14; done
 [[ -f $LOGS/levers.log ]] && { echo "== $LOGS/levers.log"; grep -v -e '%|' -e '^\s*$' "$LOGS/levers.log" | tail -40; }
+[[ -f $LOGS/sampler_quality.log ]] && { echo "== $LOGS/sampler_quality.log"; grep -v -e '%|' -e '^\s*$' "$LOGS/sampler_quality.log" | tail -24; }
 echo "== steps"; cat "$LOGS/steps.txt"
 echo "== summary"; cat "$LOGS/summary.txt"

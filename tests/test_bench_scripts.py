@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from PIL import Image
 
 from dermsynth.data.prepare import prepare
@@ -34,3 +35,26 @@ def test_compact_archive_unpacks_to_a_ham10000_folder_with_small_images(ham_samp
     for p in list(root.glob("HAM10000_images_part_*/*.jpg"))[:5]:
         with Image.open(p) as im:
             assert min(im.size) == 64 and abs(im.width / im.height - 4 / 3) < 0.02  # aspect kept
+
+
+def _samples(folder: Path, images: dict[tuple[str, int], int]) -> Path:
+    """A samples folder whose image (label, index) is filled with one grey level."""
+    rows = []
+    for (label, index), level in images.items():
+        path = f"images/{label}/{label}-{index}.png"
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (level,) * 3).save(folder / path)
+        rows.append({"label": label, "index": index, "path": path})
+    pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
+    return folder
+
+
+def test_sampler_quality_pairs_images_by_class_and_index(tmp_path):
+    sq = _load("sampler_quality")
+    a = _samples(tmp_path / "a", {("df", 0): 10, ("df", 1): 20, ("mel", 0): 30})
+    b = _samples(tmp_path / "b", {("df", 0): 14, ("df", 1): 20, ("mel", 0): 40, ("mel", 1): 0})  # mel 1: no pair
+    assert sq.pixel_distance(a, a) == 0.0
+    assert abs(sq.pixel_distance(a, b) - (4 + 0 + 10) / 3) < 1e-6
+    assert sq.parse_variant("dpmpp:25:1") == ("dpmpp", 25, 1)
+    with pytest.raises(SystemExit, match="SAMPLER:STEPS:SEED"):
+        sq.parse_variant("dpmpp-25")
