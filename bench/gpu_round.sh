@@ -56,12 +56,14 @@ if [[ $SMOKE == 1 ]]; then  # the same path at toy sizes, on CPU
             --set classifier.data.image_size=32
             --set classifier.model.name=test_efficientnet --set classifier.model.pretrained=none
             --set classifier.train.epochs=2 --set filter.features.input_size=32 --set quality.features.input_size=32
-            # one condition of each kind; the real-only finish needs an epoch with synthetic images before it
-            --set "conditions=[{name: real_effnet}, {name: oversampling, sampler: oversample}, {name: hybrid,
-                   loss: focal, set: {train.focal_alpha: balanced}, synthetic: filtered, ratio: 1.0},
+            # real-only, two cheap baselines (val picks one), the focal hybrid and the real-only finish (which needs
+            # an epoch with synthetic images before its real-only one: the config's 3 real-only epochs do not fit 2)
+            --set "conditions=[{name: real_effnet}, {name: oversampling, sampler: oversample},
+                   {name: randaugment, randaugment: true}, {name: hybrid, loss: focal,
+                   set: {train.focal_alpha: balanced}, synthetic: filtered, ratio: 1.0},
                    {name: hybrid_oversample_realend, sampler: oversample, synthetic: filtered, ratio: 1.0,
                    set: {train.real_only_last_epochs: 1}}]"
-            --set "baselines=[oversampling]" --set "primary_from=[hybrid, hybrid_oversample_realend]"
+            --set "baselines=[oversampling, randaugment]" --set "primary_from=[hybrid, hybrid_oversample_realend]"
             --set quality.repeats=2 --set workers=2 --set n_boot=50 --set classifier.eval.n_boot=50)
     SAMPLING=(--size tiny --image-size 16 --batch 4 --repeats 1 --plain-steps 4 --steps 2)
     GENTRAIN=(--size tiny --image-size 16 --batch 4 --steps 2 --warmup 1)
@@ -106,10 +108,11 @@ if [[ ${SKIP_STUDY:-0} != 1 ]]; then
     # test-time flips and the decision rule, rescored from every classifier's checkpoint (chosen on val only)
     step levers 90 $PY bench/eval_levers.py "$W/study" --out "$LOGS/levers.json"
     # what the fast sampler costs in quality: the study's generator, unfiltered samples of DDIM 50 (two seeds: how
-    # much KID moves between draws) and of the study's DPM++ 25, each scored against the real test part
+    # much KID moves between draws) and of the study's DPM++ 25, each scored against the real test part with the
+    # study's own quality config (the same in each of its quality folders)
     step sampler_quality 180 $PY bench/sampler_quality.py --gen "$W/study/generator" \
         --split "$W/study/split/split.json" --out "$W/sampler_quality" --per-class "$DDIM_N" \
-        -v ddim:50:0 -v ddim:50:1 -v dpmpp:25:0 -c "$W/study/quality/samples/config.yaml"
+        -v ddim:50:0 -v ddim:50:1 -v dpmpp:25:0 -c "$(ls "$W"/study/quality/*/config.yaml | head -1)"
     cp "$W/sampler_quality/sampler_quality.json" "$LOGS/" 2>/dev/null
 fi
 
