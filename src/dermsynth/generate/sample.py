@@ -110,10 +110,10 @@ def plan_scratch(gen_run: Path, info: Mapping[str, Any], classes: str | list[str
     return SamplePlan(folder=folder, settings=settings, batches=batches)
 
 
-def generator_train_rows(gen_run: str | Path) -> pd.DataFrame:
+def generator_train_rows(gen_run: str | Path, info: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """The rows generator run ``gen_run`` learnt from (its split's TRAIN part, its classes), for image-to-image
-    sources; the split must still be the one it was trained on."""
-    info = read_generator_info(gen_run)
+    sources; the split must still be the one it was trained on. ``info``: its generator.json, when already read."""
+    info = read_generator_info(gen_run) if info is None else info
     split, df, _ = train_rows(str(info["split"]), list(info["classes"]))
     check_split_fingerprint(gen_run, split)
     return df
@@ -160,7 +160,7 @@ def run_shard(plan: SamplePlan, rank: int, world: int, device: Any = "cpu") -> l
     scheduler = make_scheduler(s["sampler"], info["schedule"], s["clip_x0"])
     strength = s.get("strength")
     if strength is not None:  # the generator's own train cache: built when it trained, reused here
-        df = generator_train_rows(s["generator"])
+        df = generator_train_rows(s["generator"], info)
         cache = build_cache(df, int(info["image_size"]), progress=False)
         sources = {label: init_sources(df, label, int(s["seed"])) for label in {b.label for b, _ in todo}}
         init_of = init_map(sources, [b for b, _ in todo])
@@ -205,7 +205,7 @@ def regenerate(row: Mapping[str, Any], device: str = "cpu") -> np.ndarray:
     strength = row.get("strength")
     init = None
     if strength is not None and not pd.isna(strength):  # image-to-image: the same real images for the whole batch
-        df = generator_train_rows(gen_run)
+        df = generator_train_rows(gen_run, info)
         init = init_batch(build_cache(df, int(info["image_size"]), progress=False), init_sources(df, label, base),
                           SampleBatch(label, number, tuple(seeds), ()))
     unet = load_unet(ckpt, weights, device)
