@@ -70,7 +70,7 @@ if [[ $SMOKE == 1 ]]; then  # the same path at toy sizes, on CPU
     SD=(--tiny)
     RANDAUG=(--batch 8 --size 32 --repeats 1)
     DATAPATH=(--size 32 --steps 2 --blocks 1 --batch-size 16)
-    SOFT=16 DDIM_N=16
+    SOFT=16 DDIM_N=16 HELDOUT_N=8
 else
     # batch 128, one timed repeat: at batch 256 with 3 repeats it did not finish within 60 s on an H200
     SAMPLING=(--size base64 --image-size 64 --batch 128 --repeats 1)
@@ -78,7 +78,7 @@ else
     SD=(--warmup 1 --gen-repeats 2 ${SD_ARGS:-})
     RANDAUG=(--batch 64 --size 128 --repeats 5)
     DATAPATH=(--size 128 --batch-size 64 --steps 30 --blocks 3)
-    SOFT=64 DDIM_N=256
+    SOFT=64 DDIM_N=256 HELDOUT_N=100
 fi
 
 if [[ ${SKIP_STUDY:-0} != 1 && ${SKIP_BENCHES:-0} != 1 ]]; then  # a complete one-seed report before the benchmarks
@@ -102,8 +102,16 @@ if [[ ${SKIP_BENCHES:-0} != 1 ]] && want datapath; then
 fi
 if [[ ${SKIP_STUDY:-0} != 1 ]]; then
     step study_3seeds 600 $PY "${STUDY[@]}"
+    # synthetic images no classifier trained on: every class, another seed, the study's own sampling settings
+    LIKE=$($PY -c "import json; s = json.load(open('$W/study/samples/samples.json'))
+print('--sampler', s['sampler'], '--steps', s['steps'], '--guidance', s['guidance'],
+      *(['--strength', s['strength']] if s.get('strength') else []))" 2>/dev/null)
+    [[ -n $LIKE ]] && step heldout 45 $PY -m dermsynth generate --gen "$W/study/generator" \
+        --classes akiec,bcc,bkl,df,mel,nv,vasc --per-class "$HELDOUT_N" --seed 1 --out "$W/heldout" $LIKE
+    HELD=() && [[ -f $W/heldout/manifest.csv ]] && HELD=(--synthetic "$W/heldout/manifest.csv")
     # do the seed-0 classifiers call soft (upsampled-looking) common lesions rare? (SOFT = the generator's size)
-    step softness 90 $PY bench/softness_shortcut.py --split "$W/study/split/split.json" --soft "$SOFT" \
+    # and synthetic common lesions (the synthetic look as a whole)?
+    step softness 90 $PY bench/softness_shortcut.py --split "$W/study/split/split.json" --soft "$SOFT" "${HELD[@]}" \
         "$W"/study/classifiers/*/seed0 --out "$LOGS/softness.json"
     # test-time flips and the decision rule, rescored from every classifier's checkpoint (chosen on val only)
     step levers 90 $PY bench/eval_levers.py "$W/study" --out "$LOGS/levers.json"

@@ -309,14 +309,16 @@ def test_the_summary_script_reads_a_finished_study(finished):
     assert "df {used}/{real}".format(**used["synthetic"]["per_class"]["df"]) in sweep[2]
 
 
-def test_the_softness_shortcut_check_scores_sharp_and_soft_test_images(finished):
-    """bench/softness_shortcut.py on the tiny study's runs: soft images differ; 'soft' at full size changes nothing."""
+def test_the_softness_shortcut_check_scores_sharp_soft_and_synthetic_images(finished):
+    """bench/softness_shortcut.py on the tiny study's runs: soft images differ; 'soft' at full size changes nothing;
+    a synthetic set is scored like the others; the counts follow from the probabilities by hand."""
     import importlib.util
 
     import numpy as np
 
     from dermsynth.data.cache import build_cache
     from dermsynth.data.labels import CLASSES
+    from dermsynth.data.manifest import read_manifest
     from dermsynth.data.split import load_split
 
     spec = importlib.util.spec_from_file_location("softness_shortcut", REPO / "bench" / "softness_shortcut.py")
@@ -330,12 +332,23 @@ def test_the_softness_shortcut_check_scores_sharp_and_soft_test_images(finished)
     soft = mod.soften(sharp, 8)
     assert soft.shape == sharp.shape and soft.dtype == np.uint8 and not np.array_equal(soft, sharp)
     assert np.array_equal(mod.soften(sharp, 16), sharp)
+    syn = read_manifest(paths.samples / "manifest.csv")
+    syn_set = (build_cache(syn, 16).take(syn["image_id"]), np.array([CLASSES.index(c) for c in syn["label"]]))
     run = paths.classifier("hybrid", 0)
-    r = mod.shortcut(run, labels, sharp, soft, ["df", "vasc", "mel"])
+    r = mod.shortcut(run, {"sharp": (sharp, labels), "soft": (soft, labels), "synthetic": syn_set},
+                     ["df", "vasc", "mel"])
     for part in ("sharp", "soft"):
         assert 0 <= r[part]["common_called_rare"] <= 1 and 0 <= r[part]["common_mean_p_rare"] <= 1
-    same = mod.shortcut(run, labels, sharp, sharp, ["df", "vasc", "mel"])
+    assert set(r["synthetic"]["rare_recall"]) == set(syn["label"]) & {"df", "vasc", "mel"}
+    same = mod.shortcut(run, {"sharp": (sharp, labels), "soft": (sharp, labels)}, ["df", "vasc", "mel"])
     assert same["sharp"] == same["soft"]
+    # by hand: akiec (0) called df (3) once of twice, nv (5) never; df recalled once of once
+    p = np.full((4, 7), 0.01)
+    p[[0, 1, 2, 3], [3, 0, 5, 3]] = 0.9
+    got = mod.rare_calls(p / p.sum(1, keepdims=True), np.array([0, 0, 5, 3]), [3, 4, 6])
+    assert got["common_n"] == 3 and got["common_called_rare"] == 1 / 3
+    assert got["called_rare_by_class"] == {"akiec": 0.5, "nv": 0.0} and got["rare_recall"] == {"df": 1.0}
+    assert abs(got["common_mean_p_rare"] - (0.92 + 0.03 + 0.03) / 0.96 / 3) < 1e-9
 
 
 def test_the_summary_script_pairs_two_conditions(finished):
