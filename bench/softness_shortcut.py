@@ -1,7 +1,7 @@
 """Does a classifier use softness, or the synthetic look, as a cue for the rare classes? (shortcuts synthetic images
 can teach)
 
-    python bench/softness_shortcut.py --split SPLIT/split.json --soft 64 [--synthetic HELD_OUT/manifest.csv] RUN [RUN ...]
+    python bench/softness_shortcut.py --split SPLIT/split.json [--soft 64] [--synthetic HELD_OUT/manifest.csv] RUN ...
 
 Synthetic images made at a lower resolution than the classifier's input are softer than real photos, and only the
 rare classes get them, so a classifier trained on them can learn "soft => rare". This scores each classifier run's
@@ -52,7 +52,8 @@ def rare_calls(p: np.ndarray, labels: np.ndarray, rare_idx: list[int]) -> dict:
         "common_n": int(common.sum()),
         "common_called_rare": float(np.isin(pred[common], rare_idx).mean()) if common.any() else float("nan"),
         "common_mean_p_rare": float(p[common][:, rare_idx].sum(1).mean()) if common.any() else float("nan"),
-        "called_rare_by_class": {CLASSES[i]: float(np.isin(pred[labels == i], rare_idx).mean())
+        # per common class: the share called each rare class (their sum: the share called rare)
+        "called_rare_by_class": {CLASSES[i]: {CLASSES[r]: float((pred[labels == i] == r).mean()) for r in rare_idx}
                                  for i in sorted(set(labels.tolist()) - set(rare_idx))},
         "rare_recall": {CLASSES[i]: float((pred[labels == i] == i).mean()) for i in rare_idx if (labels == i).any()},
     }
@@ -76,7 +77,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="classifier run folders (all with the same image size)")
     p.add_argument("--split", required=True, type=Path)
-    p.add_argument("--soft", type=int, required=True, help="the synthetic images' native size in px")
+    p.add_argument("--soft", type=int, help="the synthetic images' native size in px (omit when it is the runs')")
     p.add_argument("--synthetic", type=Path, help="manifest.csv of synthetic images none of the runs trained on")
     p.add_argument("--rare", default="df,vasc,mel")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
@@ -87,7 +88,9 @@ def main() -> None:
     test = split.part("test")
     sharp = build_cache(split.manifest, size).take(test["image_id"])
     labels = np.array([CLASSES.index(c) for c in test["label"]])
-    sets = {"sharp": (sharp, labels), "soft": (soften(sharp, a.soft), labels)}
+    sets = {"sharp": (sharp, labels)}
+    if a.soft and a.soft < size:  # at the classifier's own size softening changes nothing
+        sets["soft"] = (soften(sharp, a.soft), labels)
     if a.synthetic:
         syn = read_manifest(a.synthetic, check_files=True)
         sets["synthetic"] = (build_cache(syn, size).take(syn["image_id"]),
@@ -95,7 +98,8 @@ def main() -> None:
     rare = parse_classes(a.rare)
     rows = [shortcut(run, sets, rare, a.device) for run in a.runs]
     names = list(sets)
-    print(f"test part: {len(labels)} images at {size} px; soft = resampled to {a.soft} px and back"
+    print(f"test part: {len(labels)} images at {size} px"
+          + (f"; soft = resampled to {a.soft} px and back" if "soft" in sets else "")
           + (f"; synthetic = {len(sets['synthetic'][1])} images of {a.synthetic}" if a.synthetic else ""))
     w = max(len("common mean P(rare)"), 9 * len(names) - 4)  # each column: one 0.000 per set, ' -> ' between
     print(f"each column: {' -> '.join(names)}")

@@ -347,7 +347,9 @@ def test_the_softness_shortcut_check_scores_sharp_soft_and_synthetic_images(fini
     p[[0, 1, 2, 3], [3, 0, 5, 3]] = 0.9
     got = mod.rare_calls(p / p.sum(1, keepdims=True), np.array([0, 0, 5, 3]), [3, 4, 6])
     assert got["common_n"] == 3 and got["common_called_rare"] == 1 / 3
-    assert got["called_rare_by_class"] == {"akiec": 0.5, "nv": 0.0} and got["rare_recall"] == {"df": 1.0}
+    assert got["called_rare_by_class"] == {"akiec": {"df": 0.5, "mel": 0.0, "vasc": 0.0},
+                                           "nv": {"df": 0.0, "mel": 0.0, "vasc": 0.0}}
+    assert got["rare_recall"] == {"df": 1.0}
     assert abs(got["common_mean_p_rare"] - (0.92 + 0.03 + 0.03) / 0.96 / 3) < 1e-9
 
 
