@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from dermsynth.classify.augment import lowres
@@ -41,6 +42,13 @@ def soften(images: np.ndarray, size: int) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
     y = lowres(x, size, torch.zeros(len(x)), prob=1.0)
     return (y * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def image_set(df: pd.DataFrame, size: int, rows: pd.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The images of ``rows`` (default: all of ``df``) at ``size`` px and their class indices. The cache is built
+    over the whole ``df``, so a split's manifest reuses the cache its classifiers trained from."""
+    rows = df if rows is None else rows
+    return build_cache(df, size).take(rows["image_id"]), np.array([CLASSES.index(c) for c in rows["label"]])
 
 
 def rare_calls(p: np.ndarray, labels: np.ndarray, rare_idx: list[int]) -> dict:
@@ -86,15 +94,12 @@ def main() -> None:
     size = load_config(ClfConfig, RunPaths(a.runs[0]).config).data.image_size
     split = load_split(a.split)
     test = split.part("test")
-    sharp = build_cache(split.manifest, size).take(test["image_id"])
-    labels = np.array([CLASSES.index(c) for c in test["label"]])
+    sharp, labels = image_set(split.manifest, size, test)
     sets = {"sharp": (sharp, labels)}
     if a.soft and a.soft < size:  # at the classifier's own size softening changes nothing
         sets["soft"] = (soften(sharp, a.soft), labels)
     if a.synthetic:
-        syn = read_manifest(a.synthetic, check_files=True)
-        sets["synthetic"] = (build_cache(syn, size).take(syn["image_id"]),
-                             np.array([CLASSES.index(c) for c in syn["label"]]))
+        sets["synthetic"] = image_set(read_manifest(a.synthetic, check_files=True), size)
     rare = parse_classes(a.rare)
     rows = [shortcut(run, sets, rare, a.device) for run in a.runs]
     names = list(sets)

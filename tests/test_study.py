@@ -333,7 +333,9 @@ def test_the_softness_shortcut_check_scores_sharp_soft_and_synthetic_images(fini
     assert soft.shape == sharp.shape and soft.dtype == np.uint8 and not np.array_equal(soft, sharp)
     assert np.array_equal(mod.soften(sharp, 16), sharp)
     syn = read_manifest(paths.samples / "manifest.csv")
-    syn_set = (build_cache(syn, 16).take(syn["image_id"]), np.array([CLASSES.index(c) for c in syn["label"]]))
+    syn_set = mod.image_set(syn, 16)
+    test_images, test_labels = mod.image_set(split.manifest, 16, test)
+    assert np.array_equal(test_images, sharp) and np.array_equal(test_labels, labels)
     run = paths.classifier("hybrid", 0)
     r = mod.shortcut(run, {"sharp": (sharp, labels), "soft": (soft, labels), "synthetic": syn_set},
                      ["df", "vasc", "mel"])
