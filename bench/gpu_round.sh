@@ -103,11 +103,8 @@ fi
 if [[ ${SKIP_STUDY:-0} != 1 ]]; then
     step study_3seeds 600 $PY "${STUDY[@]}"
     # synthetic images no classifier trained on: every class, another seed, the study's own sampling settings
-    LIKE=$($PY -c "import json; s = json.load(open('$W/study/samples/samples.json'))
-print('--sampler', s['sampler'], '--steps', s['steps'], '--guidance', s['guidance'],
-      *(['--strength', s['strength']] if s.get('strength') else []))" 2>/dev/null)
-    [[ -n $LIKE ]] && step heldout 45 $PY -m dermsynth generate --gen "$W/study/generator" \
-        --classes akiec,bcc,bkl,df,mel,nv,vasc --per-class "$HELDOUT_N" --seed 1 --out "$W/heldout" $LIKE
+    [[ -f $W/study/samples/samples.json ]] && step heldout 45 $PY -m dermsynth generate --like "$W/study/samples" \
+        --classes akiec,bcc,bkl,df,mel,nv,vasc --per-class "$HELDOUT_N" --seed 1 --out "$W/heldout"
     HELD=() && [[ -f $W/heldout/manifest.csv ]] && HELD=(--synthetic "$W/heldout/manifest.csv")
     # do the seed-0 classifiers call soft (upsampled-looking) common lesions rare? (SOFT = the generator's size)
     # and synthetic common lesions (the synthetic look as a whole)?
@@ -117,10 +114,11 @@ print('--sampler', s['sampler'], '--steps', s['steps'], '--guidance', s['guidanc
     step levers 90 $PY bench/eval_levers.py "$W/study" --out "$LOGS/levers.json"
     # what the fast sampler costs in quality: the study's generator, unfiltered samples of DDIM 50 (two seeds: how
     # much KID moves between draws) and of the study's DPM++ 25, each scored against the real test part with the
-    # study's own quality config (the same in each of its quality folders)
+    # study's own quality config (the same in each of its quality folders); last, DPM++ 25 variations of real train
+    # images (strength 0.25): how near the floor the generator comes when it keeps a real lesion's layout and colours
     step sampler_quality 180 $PY bench/sampler_quality.py --gen "$W/study/generator" \
         --split "$W/study/split/split.json" --out "$W/sampler_quality" --per-class "$DDIM_N" \
-        -v ddim:50:0 -v ddim:50:1 -v dpmpp:25:0 -c "$(ls "$W"/study/quality/*/config.yaml | head -1)"
+        -v ddim:50:0 -v ddim:50:1 -v dpmpp:25:0 -v dpmpp:25:0:0.25 -c "$(ls "$W"/study/quality/*/config.yaml | head -1)"
     cp "$W/sampler_quality/sampler_quality.json" "$LOGS/" 2>/dev/null
 fi
 

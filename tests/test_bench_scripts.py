@@ -55,6 +55,27 @@ def test_sampler_quality_pairs_images_by_class_and_index(tmp_path):
     b = _samples(tmp_path / "b", {("df", 0): 14, ("df", 1): 20, ("mel", 0): 40, ("mel", 1): 0})  # mel 1: no pair
     assert sq.pixel_distance(a, a) == 0.0
     assert abs(sq.pixel_distance(a, b) - (4 + 0 + 10) / 3) < 1e-6
-    assert sq.parse_variant("dpmpp:25:1") == ("dpmpp", 25, 1)
-    with pytest.raises(SystemExit, match="SAMPLER:STEPS:SEED"):
-        sq.parse_variant("dpmpp-25")
+    assert sq.parse_variant("dpmpp:25:1") == ("dpmpp", 25, 1, 1.0)
+    assert sq.parse_variant("dpmpp:25:1:0.25") == ("dpmpp", 25, 1, 0.25)
+    assert sq.variant_name(("dpmpp", 25, 1, 1.0)) == "dpmpp25_s1"
+    assert sq.variant_name(("dpmpp", 25, 1, 0.25)) == "dpmpp25_s1_img0.25"
+    for bad in ("dpmpp-25", "dpmpp:25:1:0.5:2", "dpmpp:x:1"):
+        with pytest.raises(SystemExit, match="SAMPLER:STEPS:SEED"):
+            sq.parse_variant(bad)
+
+
+def test_sampler_quality_table_pairs_only_the_same_start_and_takes_the_null_from_another_seed(tmp_path):
+    sq = _load("sampler_quality")
+    variants = [sq.parse_variant(v) for v in ("ddim:50:0", "dpmpp:25:0", "ddim:50:1", "dpmpp:25:0:0.25")]
+    levels = (10, 13, 30, 100)  # the same starting noise gives near images; another seed or an init image does not
+    folders = [_samples(tmp_path / sq.variant_name(v), {("df", 0): lv}) for v, lv in zip(variants, levels)]
+    kid = (1.0, 1.5, 1.2, 0.4)
+    quality = [{"groups": {"df": {"N": 1, "synthetic": {"KID_lite0": k}, "floor": {"KID_lite0": 0.2}}}} for k in kid]
+    rows, null = sq.table(variants, list(zip(folders, quality)))
+    by = {r["variant"]: r for r in rows}
+    assert by["ddim50_s0"]["pixel_vs_ref"] is None  # the reference itself
+    assert by["dpmpp25_s0"]["pixel_vs_ref"] == 3.0
+    assert by["ddim50_s1"]["pixel_vs_ref"] is None and by["dpmpp25_s0_img0.25"]["pixel_vs_ref"] is None
+    assert null == 20.0  # reference vs its other seed
+    assert abs(by["dpmpp25_s0_img0.25"]["KID_minus_ref"] + 0.6) < 1e-9
+    assert by["dpmpp25_s0_img0.25"]["KID_lite0_floor"] == 0.2

@@ -207,6 +207,30 @@ def test_image_to_image_starts_from_real_train_images_and_regenerates(trained, s
         generate(trained, classes="df", per_class=1, steps=4, strength=0.1)
 
 
+def test_generate_like_copies_a_folders_settings_but_not_its_seed(trained, tmp_path):
+    """--like SAMPLES: generator, checkpoint (here not the latest), sampler, steps, guidance, batch size and strength
+    come from SAMPLES; given arguments win; the seed must be given, since SAMPLES's own would redraw its images."""
+    early = list_checkpoints(trained)[0]
+    ref = generate(trained, classes="df", per_class=2, out=tmp_path / "ref", sampler="ddim", steps=4, guidance=1.5,
+                   batch_size=2, checkpoint=str(early), strength=0.5)
+    like = generate(None, classes="df,mel", per_class=2, out=tmp_path / "like", seed=1, like=ref)
+    a, b = (json.loads((f / "samples.json").read_text()) for f in (ref, like))
+    assert a["checkpoint"] == b["checkpoint"] == str(early.resolve()) and a["checkpoint_step"] == 2
+    for key in ("generator", "sampler", "steps", "guidance", "batch_size", "strength", "checkpoint_hash"):
+        assert a[key] == b[key], key
+    assert (a["seed"], b["seed"]) == (0, 1)
+    ma, mb = (read_manifest(f / "manifest.csv") for f in (ref, like))
+    assert set(mb["label"]) == {"df", "mel"} and not set(ma["seed"]) & set(mb["seed"])
+    other = generate(None, classes="df", per_class=2, out=tmp_path / "other", seed=2, like=ref, guidance=3.0)
+    assert json.loads((other / "samples.json").read_text())["guidance"] == 3.0  # a given argument wins
+    with pytest.raises(ConfigError, match="needs a seed"):
+        generate(None, classes="df", per_class=1, out=tmp_path / "x", like=ref)
+    with pytest.raises(DataError, match="not a samples folder"):
+        generate(None, classes="df", per_class=1, seed=1, like=tmp_path)
+    with pytest.raises(ConfigError, match="--gen"):
+        generate(None, classes="df", per_class=1)
+
+
 def test_simulated_shards_cover_each_index_once(trained, tmp_path):
     args = (trained, read_generator_info(trained), "df,vasc,mel", 7, tmp_path / "sharded", "dpmpp", 2, 2.0, 0, 2,
             "latest")
@@ -238,3 +262,7 @@ def test_cli_train_gen_and_generate(tmp_path, split, capsys):
     assert len(read_manifest(out / "manifest.csv")) == 2
     assert cli_main(["train-gen", "--out", str(tmp_path / "x"), "--set", "train.nope=1"]) == 2
     assert cli_main(["generate", "--gen", str(tmp_path), "--classes", "df"]) == 2
+    assert cli_main(["generate", "--like", str(out), "--classes", "df", "--per-class", "1", "--seed", "1",
+                     "--out", str(tmp_path / "like")]) == 0
+    assert read_manifest(tmp_path / "like" / "manifest.csv")["steps"].tolist() == [2]
+    assert cli_main(["generate", "--like", str(out), "--classes", "df"]) == 2  # no --seed

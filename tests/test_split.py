@@ -178,3 +178,34 @@ def test_split_with_merge_keeps_duplicates_together(ham_manifest, tmp_path):
         assert split.manifest.set_index("image_id").loc[f"copy{k}", "group_id"] == \
             split.manifest.set_index("image_id").loc[orig, "group_id"]
     shutil.rmtree(tmp_path / "copies")  # load_split does not need the images
+
+
+def test_train_keep_of_thins_train_only(tmp_path):
+    counts = {"akiec": 40, "bcc": 40, "bkl": 40, "df": 40, "mel": 60, "nv": 200, "vasc": 40}
+    m = synthetic_manifest(tmp_path, counts)
+    full = load_split(make_split(m, tmp_path / "full"))
+    cfg = SplitConfig(train_keep_of={"df": 0.25, "mel": 0.5})
+    scarce = load_split(make_split(m, tmp_path / "scarce", cfg))
+    # val and test are those of the full split, image for image, so both studies score the same test images
+    assert scarce.parts["val"] == full.parts["val"] and scarce.parts["test"] == full.parts["test"]
+    train_full, train = full.part("train"), scarce.part("train")
+    assert set(train["image_id"]) < set(train_full["image_id"])
+    n_full = train_full.groupby("label")["group_id"].nunique()
+    n = train.groupby("label")["group_id"].nunique()
+    assert n["df"] == round(n_full["df"] * 0.25) and n["mel"] == round(n_full["mel"] * 0.5)
+    for c in ("akiec", "bcc", "bkl", "nv", "vasc"):  # classes not named keep every train image
+        assert set(train.query("label == @c")["image_id"]) == set(train_full.query("label == @c")["image_id"])
+    # what was left out is recorded, and whole lesions are dropped (no lesion keeps part of its images)
+    dropped = set(train_full["group_id"]) - set(train["group_id"])
+    assert scarce.info["left_out"]["df"]["lesions"] + scarce.info["left_out"]["mel"]["lesions"] == len(dropped)
+    assert not dropped & set(scarce.manifest.loc[scarce.manifest["image_id"].isin(train["image_id"]), "group_id"])
+    assert scarce.info["train_keep_of"] == {"df": 0.25, "mel": 0.5}
+    assert scarce.fingerprint != full.fingerprint
+    # seeded: the same config gives the same split
+    assert load_split(make_split(m, tmp_path / "again", cfg)).parts == scarce.parts
+
+
+@pytest.mark.parametrize("keep, msg", [({"xyz": 0.5}, "unknown class"), ({"df": 0.0}, r"\(0, 1\]")])
+def test_train_keep_of_errors(ham_manifest, tmp_path, keep, msg):
+    with pytest.raises(DataError, match=msg):
+        make_split(ham_manifest, tmp_path / "s", SplitConfig(train_keep_of=keep))

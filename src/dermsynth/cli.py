@@ -68,7 +68,8 @@ def cmd_train_gen(a: argparse.Namespace) -> Any:
 def cmd_generate(a: argparse.Namespace) -> Any:
     return _lazy("dermsynth.generate.sample", "generate")(
         a.gen, classes=a.classes, per_class=a.per_class, out=a.out, sampler=a.sampler, steps=a.steps,
-        guidance=a.guidance, seed=a.seed, batch_size=a.batch_size, checkpoint=a.checkpoint, strength=a.strength)
+        guidance=a.guidance, seed=a.seed, batch_size=a.batch_size, checkpoint=a.checkpoint, strength=a.strength,
+        like=a.like)
 
 
 def cmd_quality(a: argparse.Namespace) -> Any:
@@ -161,19 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_train_gen)
 
     q = sub.add_parser("generate", help="sample synthetic images from a generator run")
-    q.add_argument("--gen", required=True, type=Path, help="generator run folder")
+    q.add_argument("--gen", type=Path, help="generator run folder (default with --like: the one that made it)")
+    q.add_argument("--like", type=Path, metavar="SAMPLES",
+                   help="a samples folder whose generator, checkpoint, sampler, steps, guidance, batch size and "
+                        "strength are the defaults (held-out draws, more seeds); needs --seed")
     q.add_argument("--classes", default="df,vasc,mel")
     q.add_argument("--per-class", type=int, default=800)
     q.add_argument("--out", type=Path, help="samples folder (default: named by what made it, under the run)")
     q.add_argument("--sampler", default=None, help="ddim | dpmpp (default: the generator's)")
     q.add_argument("--steps", type=int, default=None)
     q.add_argument("--guidance", type=float, default=None)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=None, help="default 0")
     q.add_argument("--batch-size", type=int, default=None)
-    q.add_argument("--checkpoint", default="latest", help="'latest', 'ema' or a checkpoint folder")
-    q.add_argument("--strength", type=float, default=1.0,
+    q.add_argument("--checkpoint", default=None, help="'latest' (default), 'ema' or a checkpoint folder")
+    q.add_argument("--strength", type=float, default=None,
                    help="< 1: image-to-image, each image a variation of a real train image of its class (this share "
-                        "of the schedule re-run); 1 = from pure noise")
+                        "of the schedule re-run); 1 = from pure noise (default)")
     q.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quality", help="FD/KID, precision/recall/density/coverage, diversity, memorisation vs real floors")

@@ -31,6 +31,9 @@ class SplitConfig:
     seed: int = 0
     merge_near_duplicates: bool = False  # perceptual-hash merge of near-identical images across lesions
     phash_max_distance: int = 12  # bits of a 256-bit pHash: copies differ by <= 10, distinct HAM lesions by >= 42
+    # scarcity: keep only this fraction of a class's TRAIN lesions (e.g. {df: 0.25}); the others join no part, so
+    # val and test stay those of the full split and a scarce study is scored on the same images as a full one
+    train_keep_of: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -107,6 +110,27 @@ def _holdout(lesions: pd.DataFrame, cfg: SplitConfig) -> dict[str, str]:
     return assign
 
 
+def _thin_train(lesions: pd.DataFrame, assign: dict[str, str], cfg: SplitConfig) -> dict[str, str]:
+    """Drop all but ``train_keep_of[c]`` of each class's train lesions (seeded, at least one kept) from ``assign``.
+
+    Applied after the parts are cut, so val and test are exactly those of the split without it.
+    """
+    unknown = sorted(set(cfg.train_keep_of) - set(CLASSES))
+    if unknown:
+        raise DataError(f"split.train_keep_of: unknown class(es) {unknown}; classes are {list(CLASSES)}")
+    bad = {c: f for c, f in cfg.train_keep_of.items() if not 0 < f <= 1}
+    if bad:
+        raise DataError(f"split.train_keep_of: fractions must be in (0, 1], got {bad}")
+    rng = np.random.default_rng([cfg.seed, 1])  # a stream of its own: the parts' shuffle is not disturbed
+    kept = dict(assign)
+    for c in sorted(cfg.train_keep_of, key=CLASSES.index):
+        groups = np.sort([g for g in lesions.loc[lesions["label"] == c, "group_id"] if assign.get(g) == "train"])
+        n_keep = max(1, round(len(groups) * cfg.train_keep_of[c]))
+        for g in groups[rng.permutation(len(groups))][n_keep:]:
+            del kept[g]
+    return kept
+
+
 def _assert_grouped(df: pd.DataFrame, parts: dict[str, list[str]]) -> None:
     where = {i: p for p, ids in parts.items() for i in ids}
     part_of_image = df["image_id"].map(where)
@@ -119,6 +143,7 @@ def _assert_grouped(df: pd.DataFrame, parts: dict[str, list[str]]) -> None:
 
 
 def _expand(df: pd.DataFrame, assign: dict[str, str], parts: tuple[str, ...]) -> dict[str, list[str]]:
+    df = df[df["group_id"].isin(assign)]  # lesions thinned out of train join no part
     out = {p: df.loc[df["group_id"].map(assign) == p, "image_id"].tolist() for p in parts}
     _assert_grouped(df, out)
     return out
@@ -131,6 +156,9 @@ def _write(manifest: Path, df: pd.DataFrame, parts: dict[str, list[str]], cfg: S
         "mode": cfg.mode,
         "seed": cfg.seed,
         "fractions": list(cfg.fractions),
+        **({"train_keep_of": dict(cfg.train_keep_of),
+            "left_out": class_counts(df[~df["image_id"].isin(set().union(*map(set, parts.values())))])}
+           if cfg.train_keep_of else {}),
         "fingerprint": fingerprint(parts),
         "part_fingerprints": {p: fingerprint({p: ids}) for p, ids in parts.items()},
         "counts": {p: class_counts(df[df["image_id"].isin(set(ids))]) for p, ids in parts.items()},
@@ -158,7 +186,7 @@ def make_split(manifest: str | Path, out: str | Path, cfg: SplitConfig | None = 
     lesions = _lesion_table(df)
     if cfg.mode == "holdout":
         _check_enough_lesions(lesions, len(PARTS), str(manifest))
-        parts = _expand(df, _holdout(lesions, cfg), PARTS)
+        parts = _expand(df, _thin_train(lesions, _holdout(lesions, cfg), cfg), PARTS)
         return _write(manifest, df, parts, cfg, out, extra)
     if cfg.mode != "kfold":
         raise DataError(f"unknown split mode {cfg.mode!r}; use 'holdout' or 'kfold'")
@@ -173,7 +201,7 @@ def make_split(manifest: str | Path, out: str | Path, cfg: SplitConfig | None = 
     for i in range(cfg.k):
         # fold i is the test part, fold i+1 the validation part, the rest train
         assign = {g: "train" for g in ids} | {g: "val" for g in folds[(i + 1) % cfg.k]} | {g: "test" for g in folds[i]}
-        parts = _expand(df, assign, PARTS)
+        parts = _expand(df, _thin_train(lesions, assign, cfg), PARTS)
         paths.append(_write(manifest, df, parts, cfg, out / f"fold{i}", {"fold": i, "k": cfg.k, **extra}))
     return out
 

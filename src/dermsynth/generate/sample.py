@@ -25,22 +25,36 @@ from dermsynth.generate.provenance import check_split_fingerprint, read_generato
 from dermsynth.generate.samplers import SAMPLERS, first_step, from_uint8, make_scheduler, sample, to_uint8
 from dermsynth.generate.samples import (SampleBatch, SampleItem, SamplePlan, image_seed, init_order, missing,
                                         open_samples_folder, plan_batches, samples_dir_name, save_sample,
-                                        settings_tag, shard, write_samples_manifest)
+                                        settings_like, settings_tag, shard, write_samples_manifest)
 from dermsynth.generate.scratch_train import STATE_JSON, list_checkpoints, resolve_checkpoint, train_rows
 from dermsynth.io import DataError, sha256_file
 from dermsynth.paths import RunPaths
 from dermsynth.runlog import get_logger, run_log
 
 
-def generate(gen_run: str | Path, classes: str | list[str] = "df,vasc,mel", per_class: int = 800,
+def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel", per_class: int = 800,
              out: str | Path | None = None, sampler: str | None = None, steps: int | None = None,
-             guidance: float | None = None, seed: int = 0, batch_size: int | None = None,
-             checkpoint: str = "latest", strength: float = 1.0) -> Path:
+             guidance: float | None = None, seed: int | None = None, batch_size: int | None = None,
+             checkpoint: str | None = None, strength: float | None = None, like: str | Path | None = None) -> Path:
     """Write ``per_class`` images of each class (resuming: existing images are kept); returns the samples folder.
+
+    ``like``: a samples folder whose generator, checkpoint, sampler, steps, guidance, batch size and strength are
+    the defaults (see :func:`settings_like`); it needs an explicit ``seed``. Otherwise unset settings come from the
+    generator's own sampling config, seed 0, the latest checkpoint, strength 1.
 
     strength < 1 makes each image a variation of one of the class's real TRAIN images (image-to-image: the real image
     noised to that fraction of the schedule, then denoised); 1 samples from pure noise.
     """
+    if like is not None:
+        if seed is None:
+            raise ConfigError(f"drawing like {like} needs a seed (--seed): its own seed would draw the same images")
+        a = settings_like(like, gen_run, sampler, steps, guidance, batch_size, checkpoint, strength)
+        gen_run, sampler, steps, guidance = a["gen_run"], a["sampler"], a["steps"], a["guidance"]
+        batch_size, checkpoint, strength = a["batch_size"], a["checkpoint"], a["strength"]
+    if gen_run is None:
+        raise ConfigError("generate needs a generator run (--gen) or a samples folder to draw like (--like)")
+    seed, checkpoint = seed or 0, checkpoint or "latest"
+    strength = 1.0 if strength is None else strength
     gen_run = Path(gen_run)
     info = read_generator_info(gen_run)
     if strength != 1.0 and info.get("kind") != "scratch":

@@ -167,10 +167,33 @@ def open_samples_folder(folder: str | Path, settings: dict[str, Any], write: boo
 
 
 def read_samples_settings(folder: str | Path) -> dict[str, Any]:
+    """The settings a samples folder was made with (its samples.json)."""
     path = Path(folder) / SAMPLES_JSON
     if not path.is_file():
         raise DataError(f"{folder} is not a samples folder (no {SAMPLES_JSON}); make one with `dermsynth generate`")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: corrupt samples settings: {e}") from e
+
+
+def settings_like(folder: str | Path, gen_run: str | Path | None = None, sampler: str | None = None,
+                  steps: int | None = None, guidance: float | None = None, batch_size: int | None = None,
+                  checkpoint: str | None = None, strength: float | None = None) -> dict[str, Any]:
+    """The ``generate`` arguments that made ``folder``, each one given here (not None) taking its place.
+
+    For drawing another set like an existing one (held-out images, more seeds). The seed is not copied: the same
+    seed would draw the same images. The checkpoint is copied only for the same generator; an SD folder records no
+    checkpoint path, so its draw uses the run's latest checkpoint unless one is given.
+    """
+    s = read_samples_settings(folder)
+    same_gen = gen_run is None or Path(gen_run).resolve() == Path(s["generator"]).resolve()
+    return {"gen_run": Path(gen_run if gen_run is not None else s["generator"]),
+            "sampler": sampler or s.get("sampler"), "steps": steps or s.get("steps"),
+            "guidance": guidance if guidance is not None else s.get("guidance"),
+            "batch_size": batch_size or s.get("batch_size"),
+            "checkpoint": checkpoint or (s.get("checkpoint") if same_gen else None) or "latest",
+            "strength": strength if strength is not None else (s.get("strength") or 1.0)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
