@@ -53,9 +53,9 @@ def show(manifest: str | Path | None = None, split: str | Path | None = None, ou
         from dermsynth.data.split import load_split
 
         s = load_split(split)
-        df = s.manifest
         parts = {p: s.part(p) for p in s.parts}
-        parts["all"] = df[df["image_id"].isin(set().union(*map(set, s.parts.values())))]
+        # the split's images only: a split may leave some of its manifest out (SplitConfig.train_keep_of)
+        df = parts["all"] = s.manifest[s.manifest["image_id"].isin(set().union(*map(set, s.parts.values())))]
     else:
         df = read_manifest(manifest)
         parts = {"all": df}
