@@ -19,6 +19,7 @@ mean |difference| of paired images against that of unrelated images (another see
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def variant_name(v: Variant) -> str:
     return f"{sampler}{steps}_s{seed}" + (f"_img{strength:g}" if strength != 1.0 else "")
 
 
+@functools.lru_cache(maxsize=None)  # the table is rebuilt after each variant: each pair of folders is read once
 def pixel_distance(a: Path, b: Path) -> float:
     """Mean |a - b| (0-255) over the images both folders hold at the same (label, index)."""
     ma, mb = (pd.read_csv(p / "manifest.csv") for p in (a, b))
