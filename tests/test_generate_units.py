@@ -13,8 +13,8 @@ from dermsynth.generate.models import NULL_CLASS, UNET_SIZES, build_unet, count_
 from dermsynth.generate.samplers import (first_step, from_uint8, initial_noise, make_scheduler, sample, to_uint8,
                                          train_scheduler)
 from dermsynth.generate.samples import (image_seed, init_order, make_item, open_samples_folder, plan_batches,
-                                        png_metadata, read_png_metadata, samples_dir_name, save_sample, settings_tag,
-                                        shard)
+                                        png_metadata, read_png_metadata, samples_dir_name, save_sample, settings_like,
+                                        settings_tag, shard)
 from dermsynth.generate.scratch_train import class_weights, draw_batch
 from dermsynth.io import DataError
 
@@ -251,6 +251,20 @@ def test_samples_folder_refuses_other_settings(tmp_path):
         open_samples_folder(tmp_path, {**s, "guidance": 3.0})
     with pytest.raises(DataError, match="batch_size"):
         open_samples_folder(tmp_path, {**s, "batch_size": 16})
+
+
+def test_settings_like_keeps_an_sd_folders_checkpoint_by_its_step(tmp_path):
+    """An SD samples folder records the checkpoint's step, not its path: --like must still use those weights, not the
+    run's latest; another generator gets its own latest."""
+    gen = tmp_path / "sd_run"
+    s = {"generator": str(gen), "kind": "sd15_lora", "checkpoint_step": 500, "sampler": "dpmpp", "steps": 25,
+         "guidance": 7.5, "seed": 0, "batch_size": 4}
+    open_samples_folder(tmp_path / "samples", s)
+    got = settings_like(tmp_path / "samples")
+    assert got["checkpoint"] == str(gen / "checkpoints" / "step_00000500") and got["strength"] == 1.0
+    assert (got["sampler"], got["steps"], got["guidance"], got["batch_size"]) == ("dpmpp", 25, 7.5, 4)
+    assert settings_like(tmp_path / "samples", gen_run=tmp_path / "other")["checkpoint"] == "latest"
+    assert settings_like(tmp_path / "samples", checkpoint="step_00000100")["checkpoint"] == "step_00000100"
 
 
 def test_png_metadata_round_trip(tmp_path):

@@ -54,8 +54,7 @@ def show(manifest: str | Path | None = None, split: str | Path | None = None, ou
 
         s = load_split(split)
         parts = {p: s.part(p) for p in s.parts}
-        # the split's images only: a split may leave some of its manifest out (SplitConfig.train_keep_of)
-        df = parts["all"] = s.manifest[s.manifest["image_id"].isin(set().union(*map(set, s.parts.values())))]
+        df = parts["all"] = s.images()
     else:
         df = read_manifest(manifest)
         parts = {"all": df}

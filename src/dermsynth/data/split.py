@@ -47,12 +47,21 @@ class Split:
     fingerprint: str
     info: dict = field(default_factory=dict)
 
+    def images(self) -> pd.DataFrame:
+        """Manifest rows of every part (a split may leave some of its manifest out: ``train_keep_of``)."""
+        return self.manifest[self.manifest["image_id"].isin(all_ids(self.parts))]
+
     def part(self, name: str) -> pd.DataFrame:
         """Manifest rows of one part, in the order stored in split.json."""
         if name not in self.parts:
             raise KeyError(f"split {self.path} has no part {name!r}; parts: {list(self.parts)}")
         idx = self.manifest.set_index("image_id", drop=False)
         return idx.loc[self.parts[name]].reset_index(drop=True)
+
+
+def all_ids(parts: dict[str, list[str]]) -> set[str]:
+    """The image ids of every part."""
+    return set().union(*map(set, parts.values()))
 
 
 def fingerprint(parts: dict[str, list[str]]) -> str:
@@ -157,7 +166,7 @@ def _write(manifest: Path, df: pd.DataFrame, parts: dict[str, list[str]], cfg: S
         "seed": cfg.seed,
         "fractions": list(cfg.fractions),
         **({"train_keep_of": dict(cfg.train_keep_of),
-            "left_out": class_counts(df[~df["image_id"].isin(set().union(*map(set, parts.values())))])}
+            "left_out": class_counts(df[~df["image_id"].isin(all_ids(parts))])}
            if cfg.train_keep_of else {}),
         "fingerprint": fingerprint(parts),
         "part_fingerprints": {p: fingerprint({p: ids}) for p, ids in parts.items()},
@@ -235,7 +244,7 @@ def load_split(path: str | Path) -> Split:
     fp = fingerprint(parts)
     if fp != info.get("fingerprint"):
         raise DataError(f"{path}: fingerprint mismatch (file edited by hand?)")
-    _assert_grouped(df[df["image_id"].isin(set().union(*map(set, parts.values())))], parts)
+    _assert_grouped(df[df["image_id"].isin(all_ids(parts))], parts)
     return Split(path=path, manifest_path=manifest_path, manifest=df, parts=parts, fingerprint=fp, info=info)
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 from dermsynth import __version__
 from dermsynth.data.manifest import read_manifest, write_manifest
 from dermsynth.io import DataError, atomic_save_image, atomic_write_json
+from dermsynth.paths import RunPaths
 
 SAMPLES_JSON = "samples.json"
 METADATA_PREFIX = "dermsynth:"
@@ -183,16 +184,17 @@ def settings_like(folder: str | Path, gen_run: str | Path | None = None, sampler
     """The ``generate`` arguments that made ``folder``, each one given here (not None) taking its place.
 
     For drawing another set like an existing one (held-out images, more seeds). The seed is not copied: the same
-    seed would draw the same images. The checkpoint is copied only for the same generator; an SD folder records no
-    checkpoint path, so its draw uses the run's latest checkpoint unless one is given.
+    seed would draw the same images. The checkpoint is copied only for the same generator: the folder's checkpoint
+    path, or (SD folders record only the step) the run's checkpoint of that step.
     """
     s = read_samples_settings(folder)
-    same_gen = gen_run is None or Path(gen_run).resolve() == Path(s["generator"]).resolve()
-    return {"gen_run": Path(gen_run if gen_run is not None else s["generator"]),
-            "sampler": sampler or s.get("sampler"), "steps": steps or s.get("steps"),
+    gen = Path(gen_run if gen_run is not None else s["generator"])
+    if checkpoint is None and gen.resolve() == Path(s["generator"]).resolve():
+        step = int(s.get("checkpoint_step", -1))
+        checkpoint = s.get("checkpoint") or (str(RunPaths(gen).checkpoint(step)) if step >= 0 else None)
+    return {"gen_run": gen, "sampler": sampler or s.get("sampler"), "steps": steps or s.get("steps"),
             "guidance": guidance if guidance is not None else s.get("guidance"),
-            "batch_size": batch_size or s.get("batch_size"),
-            "checkpoint": checkpoint or (s.get("checkpoint") if same_gen else None) or "latest",
+            "batch_size": batch_size or s.get("batch_size"), "checkpoint": checkpoint or "latest",
             "strength": strength if strength is not None else (s.get("strength") or 1.0)}
 
 
