@@ -281,6 +281,27 @@ def test_prior_shift_decision_is_fitted_on_val_and_scored_everywhere(toy_split, 
         train_classifier(tiny_cfg(toy_split, "eval.decision=prior_shift", "eval.decision_taus=[]"), tmp_path / "r2")
 
 
+def test_weight_averaging_is_what_is_scored_and_resumes_exactly(toy_split, tmp_path):
+    """train.ema_decay: a decay of ~0 keeps the raw weights (the run equals a plain one); a real decay changes the
+    scored weights; a run interrupted mid-epoch resumes its average bit-identically."""
+    plain, near0, ema = tmp_path / "plain", tmp_path / "near0", tmp_path / "ema"
+    train_classifier(tiny_cfg(toy_split), plain)
+    train_classifier(tiny_cfg(toy_split, "train.ema_decay=1e-12"), near0)
+    _same_run(plain, near0)
+    train_classifier(tiny_cfg(toy_split, "train.ema_decay=0.9"), ema)
+    wp, we = _weights(plain), _weights(ema)
+    assert wp.keys() == we.keys() and not all(torch.equal(wp[k], we[k]) for k in wp)
+
+    resumed = tmp_path / "resumed"
+    cfg = tiny_cfg(toy_split, "train.ema_decay=0.9", "train.checkpoint_minutes=1e-9")
+    with pytest.raises(Interrupt):
+        train_classifier(cfg, resumed, on_step=_interrupt_at(3))
+    train_classifier(cfg, resumed, resume=True)
+    _same_run(ema, resumed)
+    with pytest.raises(ConfigError, match="ema_decay"):
+        train_classifier(tiny_cfg(toy_split, "train.ema_decay=1.0"), tmp_path / "bad")
+
+
 def test_tta_scores_the_best_epoch_with_eight_views_and_picks_it_plain(toy_split, tmp_path):
     from dermsynth.classify.augment import dihedral_views
     from dermsynth.classify.predict import load_classifier, predict_probs
