@@ -207,6 +207,33 @@ def test_image_to_image_starts_from_real_train_images_and_regenerates(trained, s
         generate(trained, classes="df", per_class=1, steps=4, strength=0.1)
 
 
+def test_image_to_image_from_another_class_records_and_regenerates(trained, split, tmp_path):
+    """init_from df:mel: df images start from real mel train images (major-to-minor translation), each row says so,
+    the folder and ids are its own, and any image is remade bit-identically from its manifest row."""
+    out = generate(trained, classes="df,vasc", per_class=5, sampler="ddim", steps=4, batch_size=4, strength=0.5,
+                   init_from="df:mel")
+    assert out.name == "step00000004_ddim4_g2.0_s0_img0.5_from-df.mel"
+    assert json.loads((out / "samples.json").read_text())["init_from"] == {"df": "mel"}
+    df = read_manifest(out / "manifest.csv", check_files=True)
+    train = load_split(split).part("train").set_index("image_id")
+    for label, source in (("df", "mel"), ("vasc", "vasc")):
+        rows = df[df["label"] == label]
+        assert (rows["init_label"] == source).all()
+        assert (train.loc[rows["init_image_id"], "label"] == source).all()
+    row = df[(df["label"] == "df") & (df["index"] == 4)].iloc[0]
+    assert read_png_metadata(row["path"])["dermsynth:init_label"] == "mel"
+    assert np.array_equal(regenerate(row.to_dict()), np.asarray(Image.open(row["path"])))
+    own = generate(trained, classes="df", per_class=5, sampler="ddim", steps=4, batch_size=4, strength=0.5)
+    assert not set(df["image_id"]) & set(read_manifest(own / "manifest.csv")["image_id"])
+    like = generate(None, classes="df", per_class=2, out=tmp_path / "like", seed=1, like=out)
+    assert (read_manifest(like / "manifest.csv")["init_label"] == "mel").all()
+    with pytest.raises(ConfigError, match="strength < 1"):
+        generate(trained, classes="df", per_class=1, steps=4, init_from="df:mel")
+    for bad in ("df:df", "df:xx", "df"):
+        with pytest.raises(ConfigError, match="init_from"):
+            generate(trained, classes="df", per_class=1, steps=4, strength=0.5, init_from=bad)
+
+
 def test_generate_like_copies_a_folders_settings_but_not_its_seed(trained, tmp_path):
     """--like SAMPLES: generator, checkpoint (here not the latest), sampler, steps, guidance, batch size and strength
     come from SAMPLES; given arguments win; the seed must be given, since SAMPLES's own would redraw its images."""

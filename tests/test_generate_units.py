@@ -235,6 +235,8 @@ def test_strength_enters_the_image_ids_only_when_set():
     # a folder made before image-to-image existed keeps its ids: strength None hashes as if the key were absent
     assert settings_tag({**s, "strength": None}) == settings_tag(s) == "f57bb3e2"  # the tag of the release before
     assert settings_tag({**s, "strength": 0.5}) not in (settings_tag(s), settings_tag({**s, "strength": 0.6}))
+    assert settings_tag({**s, "strength": 0.5, "init_from": None}) == settings_tag({**s, "strength": 0.5})
+    assert settings_tag({**s, "strength": 0.5, "init_from": {"df": "nv"}}) != settings_tag({**s, "strength": 0.5})
 
 
 def test_samples_dir_name():

@@ -257,6 +257,10 @@ def test_config_validation_names_the_problem():
         validate(tiny("generation.per_class_of={nv: 0}"))
     with pytest.raises(ConfigError, match="generation.strength must be in"):
         validate(tiny("generation.strength=0"))
+    with pytest.raises(ConfigError, match="needs generation.strength < 1"):
+        validate(tiny("generation.init_from={df: nv}"))
+    with pytest.raises(ConfigError, match="init_from"):
+        validate(tiny("generation.strength=0.5", "generation.init_from={df: df}"))
     # a class that is not rare is drawn too, so that a recipe can give every class synthetic images
     assert drawn_classes(tiny("generation.per_class_of={df: 4, nv: 3}")) == {"df": 4, "vasc": 8, "mel": 8, "nv": 3}
     with pytest.raises(ConfigError, match="condition 'real'.*unknown"):

@@ -69,7 +69,7 @@ def cmd_generate(a: argparse.Namespace) -> Any:
     return _lazy("dermsynth.generate.sample", "generate")(
         a.gen, classes=a.classes, per_class=a.per_class, out=a.out, sampler=a.sampler, steps=a.steps,
         guidance=a.guidance, seed=a.seed, batch_size=a.batch_size, checkpoint=a.checkpoint, strength=a.strength,
-        like=a.like)
+        like=a.like, init_from=a.init_from)
 
 
 def cmd_quality(a: argparse.Namespace) -> Any:
@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--strength", type=float, default=None,
                    help="< 1: image-to-image, each image a variation of a real train image of its class (this share "
                         "of the schedule re-run); 1 = from pure noise (default)")
+    q.add_argument("--init-from", default=None, metavar="TARGET:SOURCE,...",
+                   help="with --strength < 1: start a class's images from another class's real train images, e.g. "
+                        "df:nv,vasc:nv (major-to-minor translation)")
     q.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quality", help="FD/KID, precision/recall/density/coverage, diversity, memorisation vs real floors")

@@ -16,6 +16,7 @@ from dermsynth.data.labels import CLASSES, parse_classes
 from dermsynth.data.split import SplitConfig
 from dermsynth.data.toy import ToyConfig
 from dermsynth.generate.config import GenConfig
+from dermsynth.generate.samples import parse_init_from
 from dermsynth.metrics.filter import FilterConfig
 from dermsynth.metrics.quality import QualityConfig
 
@@ -49,6 +50,11 @@ class GenerationConfig:
     # the noise schedule re-run); 1: from pure noise. Why: at 32 px a linear classifier tells the from-noise samples
     # from real images (C2ST AUC 0.83-1.00), and images that keep a real lesion's layout may carry less of that look.
     strength: float = 1.0
+    # with strength < 1: {target class: source class}, the target's images start from the source's real train images
+    # (major-to-minor translation). Why: a generator given 18-80 images of a rare class makes few new lesions from
+    # noise; started from the thousands of common-class images it keeps their layouts, skin, hair and framing and
+    # paints the rare class into them. {} = each class from its own images.
+    init_from: dict[str, str] = field(default_factory=dict)
 
 
 # Short condition keys -> the ClfConfig field they set
@@ -244,6 +250,11 @@ def validate(cfg: StudyConfig) -> tuple[list[Condition], dict[str, float]]:
                           f"counts >= 1")
     if not 0.0 < cfg.generation.strength <= 1.0:
         raise ConfigError(f"generation.strength must be in (0, 1] (1 = from pure noise), got {cfg.generation.strength}")
+    if cfg.generation.init_from:
+        parse_init_from(cfg.generation.init_from)
+        if cfg.generation.strength == 1.0:
+            raise ConfigError("generation.init_from needs generation.strength < 1: from pure noise no real image is "
+                              "used")
     unknown = sorted(set(cfg.quality_on) - {"samples", "filtered"})
     if unknown:
         raise ConfigError(f"quality_on: unknown set(s) {unknown}; use 'samples' and/or 'filtered'")

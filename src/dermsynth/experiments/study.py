@@ -67,7 +67,8 @@ def _generate(paths: StudyPaths, gen: GenerationConfig, counts: dict[str, int]) 
     for n in sorted(set(counts.values())):
         generate(paths.generator, classes=",".join(c for c in counts if counts[c] == n), per_class=n,
                  out=paths.samples, sampler=gen.sampler, steps=gen.steps, guidance=gen.guidance, seed=gen.seed,
-                 batch_size=gen.batch_size, checkpoint=gen.checkpoint, strength=gen.strength)
+                 batch_size=gen.batch_size, checkpoint=gen.checkpoint, strength=gen.strength,
+                 init_from=gen.init_from)
     return paths.samples
 
 

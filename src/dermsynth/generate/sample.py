@@ -23,9 +23,9 @@ from dermsynth.data.labels import CLASSES, parse_classes
 from dermsynth.generate.models import load_unet, weights_file
 from dermsynth.generate.provenance import check_split_fingerprint, read_generator_info
 from dermsynth.generate.samplers import SAMPLERS, first_step, from_uint8, make_scheduler, sample, to_uint8
-from dermsynth.generate.samples import (SampleBatch, SampleItem, SamplePlan, image_seed, init_order, missing,
-                                        open_samples_folder, plan_batches, samples_dir_name, save_sample,
-                                        settings_like, settings_tag, shard, write_samples_manifest)
+from dermsynth.generate.samples import (SampleBatch, SampleItem, SamplePlan, image_seed, init_label, init_order,
+                                        missing, open_samples_folder, parse_init_from, plan_batches, samples_dir_name,
+                                        save_sample, settings_like, settings_tag, shard, write_samples_manifest)
 from dermsynth.generate.scratch_train import STATE_JSON, list_checkpoints, resolve_checkpoint, train_rows
 from dermsynth.io import DataError, sha256_file
 from dermsynth.paths import RunPaths
@@ -35,7 +35,8 @@ from dermsynth.runlog import get_logger, run_log
 def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel", per_class: int = 800,
              out: str | Path | None = None, sampler: str | None = None, steps: int | None = None,
              guidance: float | None = None, seed: int | None = None, batch_size: int | None = None,
-             checkpoint: str | None = None, strength: float | None = None, like: str | Path | None = None) -> Path:
+             checkpoint: str | None = None, strength: float | None = None, like: str | Path | None = None,
+             init_from: Mapping[str, str] | str | None = None) -> Path:
     """Write ``per_class`` images of each class (resuming: existing images are kept); returns the samples folder.
 
     ``like``: a samples folder whose generator, checkpoint, sampler, steps, guidance, batch size and strength are
@@ -43,18 +44,25 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
     generator's own sampling config, seed 0, the latest checkpoint, strength 1.
 
     strength < 1 makes each image a variation of one of the class's real TRAIN images (image-to-image: the real image
-    noised to that fraction of the schedule, then denoised); 1 samples from pure noise.
+    noised to that fraction of the schedule, then denoised); 1 samples from pure noise. ``init_from`` ("df:nv,vasc:nv"
+    or a mapping) starts a class's image-to-image runs from another class's real train images instead, conditioned
+    on the class drawn (major-to-minor translation: the rare class borrows the layouts, skin and framing of a
+    common one).
     """
     if like is not None:
         if seed is None:
             raise ConfigError(f"drawing like {like} needs a seed (--seed): its own seed would draw the same images")
-        a = settings_like(like, gen_run, sampler, steps, guidance, batch_size, checkpoint, strength)
+        a = settings_like(like, gen_run, sampler, steps, guidance, batch_size, checkpoint, strength, init_from)
         gen_run, sampler, steps, guidance = a["gen_run"], a["sampler"], a["steps"], a["guidance"]
-        batch_size, checkpoint, strength = a["batch_size"], a["checkpoint"], a["strength"]
+        batch_size, checkpoint, strength, init_from = a["batch_size"], a["checkpoint"], a["strength"], a["init_from"]
     if gen_run is None:
         raise ConfigError("generate needs a generator run (--gen) or a samples folder to draw like (--like)")
     seed, checkpoint = seed or 0, checkpoint or "latest"
     strength = 1.0 if strength is None else strength
+    init_from = parse_init_from(init_from)
+    if init_from and strength == 1.0:
+        raise ConfigError(f"init_from {init_from}: image-to-image sources need a strength < 1 (from pure noise no "
+                          f"real image is used)")
     gen_run = Path(gen_run)
     info = read_generator_info(gen_run)
     if strength != 1.0 and info.get("kind") != "scratch":
@@ -71,11 +79,11 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
 
     state = PartialState()
     plan = plan_scratch(gen_run, info, classes, per_class, out, sampler, steps, guidance, seed, batch_size,
-                        checkpoint, strength, write=state.is_main_process)
+                        checkpoint, strength, write=state.is_main_process, init_from=init_from)
     if state.num_processes > 1:  # the others read the samples.json the main process just wrote
         state.wait_for_everyone()
         plan = plan_scratch(gen_run, info, classes, per_class, out, sampler, steps, guidance, seed, batch_size,
-                            checkpoint, strength, write=False)
+                            checkpoint, strength, write=False, init_from=init_from)
     with run_log(plan.folder) if state.is_main_process else contextlib.nullcontext():
         run_shard(plan, state.process_index, state.num_processes, state.device)
         state.wait_for_everyone()
@@ -88,7 +96,8 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
 
 def plan_scratch(gen_run: Path, info: Mapping[str, Any], classes: str | list[str], per_class: int,
                  out: str | Path | None, sampler: str | None, steps: int | None, guidance: float | None, seed: int,
-                 batch_size: int | None, checkpoint: str, strength: float = 1.0, write: bool = True) -> SamplePlan:
+                 batch_size: int | None, checkpoint: str, strength: float = 1.0, write: bool = True,
+                 init_from: Mapping[str, str] | None = None) -> SamplePlan:
     """Resolve defaults, checkpoint and folder; check (or create) the folder's samples.json; list the batches."""
     wanted = parse_classes(classes)
     unknown = [c for c in wanted if c not in info["classes"]]
@@ -112,9 +121,10 @@ def plan_scratch(gen_run: Path, info: Mapping[str, Any], classes: str | list[str
         "batch_size": batch_size, "image_size": int(info["image_size"]),
         "precision": defaults.get("precision", "auto"), "clip_x0": bool(defaults.get("clip_x0", True)),
         "split": info.get("split"), "split_fingerprint": info.get("split_fingerprint"),
-        "strength": float(strength) if strength != 1.0 else None,
+        "strength": float(strength) if strength != 1.0 else None, "init_from": dict(init_from) if init_from else None,
     }
-    suffix = "_".join(([] if weights == "ema" else ["raw"]) + ([] if strength == 1.0 else [f"img{strength:g}"]))
+    suffix = "_".join(([] if weights == "ema" else ["raw"]) + ([] if strength == 1.0 else [f"img{strength:g}"])
+                      + [f"from-{t}.{s}" for t, s in (init_from or {}).items()])
     name = samples_dir_name(step, sampler, steps, guidance, seed, suffix)
     folder = Path(out) if out is not None else RunPaths(gen_run).samples_root / name
     if settings["batch_size"] is None and not (folder / "samples.json").is_file():
@@ -133,11 +143,13 @@ def generator_train_rows(gen_run: str | Path, info: Mapping[str, Any] | None = N
     return df
 
 
-def init_sources(df: pd.DataFrame, label: str, base_seed: int) -> list[str]:
-    """Ids of class ``label``'s train images in :func:`init_order`: image i of the class starts from [i % n]."""
-    ids = sorted(df.loc[df["label"] == label, "image_id"])
+def init_sources(df: pd.DataFrame, label: str, base_seed: int, source: str | None = None) -> list[str]:
+    """Ids of the train images that class ``label``'s image-to-image runs start from (those of class ``source``,
+    by default ``label`` itself) in :func:`init_order`: image i of the class starts from [i % n]."""
+    source = source or label
+    ids = sorted(df.loc[df["label"] == source, "image_id"])
     if not ids:
-        raise DataError(f"the generator's train part has no {label} image to start image-to-image sampling from")
+        raise DataError(f"the generator's train part has no {source} image to start image-to-image sampling from")
     return [ids[i] for i in init_order(base_seed, label, len(ids))]
 
 
@@ -152,7 +164,8 @@ def init_ids(plan: SamplePlan) -> dict[str, str] | None:
         return None
     df = generator_train_rows(plan.settings["generator"])
     seed = int(plan.settings["seed"])
-    return init_map({label: init_sources(df, label, seed) for label in {b.label for b in plan.batches}}, plan.batches)
+    return init_map({label: init_sources(df, label, seed, init_label(plan.settings, label))
+                     for label in {b.label for b in plan.batches}}, plan.batches)
 
 
 def init_batch(cache: CachedImages, ids: list[str], batch: SampleBatch) -> torch.Tensor:
@@ -176,7 +189,8 @@ def run_shard(plan: SamplePlan, rank: int, world: int, device: Any = "cpu") -> l
     if strength is not None:  # the generator's own train cache: built when it trained, reused here
         df = generator_train_rows(s["generator"], info)
         cache = build_cache(df, int(info["image_size"]), progress=False)
-        sources = {label: init_sources(df, label, int(s["seed"])) for label in {b.label for b, _ in todo}}
+        sources = {label: init_sources(df, label, int(s["seed"]), init_label(s, label))
+                   for label in {b.label for b, _ in todo}}
         init_of = init_map(sources, [b for b, _ in todo])
     spent = {"load": time.perf_counter() - t0, "sample": 0.0, "write": 0.0}  # where a slow stage spends its time
     for batch, miss in tqdm(todo, desc=f"generate[{rank}]", leave=False, disable=rank != 0 and world > 1):
@@ -220,8 +234,10 @@ def regenerate(row: Mapping[str, Any], device: str = "cpu") -> np.ndarray:
     init = None
     if strength is not None and not pd.isna(strength):  # image-to-image: the same real images for the whole batch
         df = generator_train_rows(gen_run, info)
-        init = init_batch(build_cache(df, int(info["image_size"]), progress=False), init_sources(df, label, base),
-                          SampleBatch(label, number, tuple(seeds), ()))
+        source = row.get("init_label")
+        source = label if source is None or pd.isna(source) else str(source)
+        init = init_batch(build_cache(df, int(info["image_size"]), progress=False),
+                          init_sources(df, label, base, source), SampleBatch(label, number, tuple(seeds), ()))
     unet = load_unet(ckpt, weights, device)
     scheduler = make_scheduler(str(row["sampler"]), info["schedule"], bool(info.get("sampling", {}).get("clip_x0", True)))
     images = sample(unet, scheduler, [CLASSES.index(label)] * bs, seeds, int(row["steps"]), float(row["guidance"]),

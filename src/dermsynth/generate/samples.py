@@ -26,6 +26,8 @@ import pandas as pd
 from PIL import Image
 
 from dermsynth import __version__
+from dermsynth.config import ConfigError
+from dermsynth.data.labels import CLASSES
 from dermsynth.data.manifest import read_manifest, write_manifest
 from dermsynth.io import DataError, atomic_save_image, atomic_write_json
 from dermsynth.paths import RunPaths
@@ -36,10 +38,11 @@ METADATA_PREFIX = "dermsynth:"
 IPTC_TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 # Settings that define what is in a samples folder: resuming with any of them changed would mix two generators.
 FIXED_SETTINGS = ("kind", "checkpoint_hash", "weights", "sampler", "steps", "guidance", "seed", "batch_size",
-                  "image_size", "strength")
+                  "image_size", "strength", "init_from")
 # Fixed settings added later: unset (None) in older folders, so they enter the image-id hash only when set, and the
-# ids of a folder made before them stay the same. strength: image-to-image sampling (None = from pure noise).
-LATER_SETTINGS = ("strength",)
+# ids of a folder made before them stay the same. strength: image-to-image sampling (None = from pure noise);
+# init_from: image-to-image from another class's real images ({target class: source class}; None = its own class).
+LATER_SETTINGS = ("strength", "init_from")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -94,6 +97,29 @@ def init_order(base_seed: int, label: str, n: int) -> np.ndarray:
     """Image-to-image: image ``index`` of class ``label`` starts from real image ``order[index % n]`` of the class's
     ``n`` train images (sorted by id). A seeded permutation, cycled, so every real image is used before any twice."""
     return np.random.default_rng(image_seed(base_seed, label, -1)).permutation(n)
+
+
+def init_label(settings: Mapping[str, Any], label: str) -> str:
+    """The class whose real train images start the image-to-image runs of class ``label``: its own, unless the
+    folder's ``init_from`` maps it to another (major-to-minor translation)."""
+    return (settings.get("init_from") or {}).get(label, label)
+
+
+def parse_init_from(text: str | Mapping[str, str] | None) -> dict[str, str]:
+    """``"df:nv,vasc:nv"`` (or a mapping) -> {target: source}, both checked against the class list."""
+    if not text:
+        return {}
+    pairs = text.items() if isinstance(text, Mapping) else (p.split(":", 1) for p in str(text).split(",") if p.strip())
+    out: dict[str, str] = {}
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ConfigError(f"init_from: {text!r}: give TARGET:SOURCE pairs, e.g. df:nv,vasc:nv")
+        target, source = (str(x).strip() for x in pair)
+        bad = [c for c in (target, source) if c not in CLASSES]
+        if bad or target == source:
+            raise ConfigError(f"init_from: {target}:{source}: both must be classes ({', '.join(CLASSES)}) and differ")
+        out[target] = source
+    return dict(sorted(out.items()))
 
 
 def make_item(label: str, index: int, base_seed: int, tag: str) -> SampleItem:
@@ -180,7 +206,8 @@ def read_samples_settings(folder: str | Path) -> dict[str, Any]:
 
 def settings_like(folder: str | Path, gen_run: str | Path | None = None, sampler: str | None = None,
                   steps: int | None = None, guidance: float | None = None, batch_size: int | None = None,
-                  checkpoint: str | None = None, strength: float | None = None) -> dict[str, Any]:
+                  checkpoint: str | None = None, strength: float | None = None,
+                  init_from: Mapping[str, str] | str | None = None) -> dict[str, Any]:
     """The ``generate`` arguments that made ``folder``, each one given here (not None) taking its place.
 
     For drawing another set like an existing one (held-out images, more seeds). The seed is not copied: the same
@@ -195,7 +222,8 @@ def settings_like(folder: str | Path, gen_run: str | Path | None = None, sampler
     return {"gen_run": gen, "sampler": sampler or s.get("sampler"), "steps": steps or s.get("steps"),
             "guidance": guidance if guidance is not None else s.get("guidance"),
             "batch_size": batch_size or s.get("batch_size"), "checkpoint": checkpoint or "latest",
-            "strength": strength if strength is not None else (s.get("strength") or 1.0)}
+            "strength": strength if strength is not None else (s.get("strength") or 1.0),
+            "init_from": init_from if init_from is not None else s.get("init_from")}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -219,7 +247,8 @@ def png_metadata(item: SampleItem, settings: dict[str, Any], init_id: str | None
               "sampler": settings.get("sampler"), "steps": settings.get("steps"), "guidance": settings.get("guidance"),
               "image_id": item.image_id}
     if settings.get("strength") is not None:
-        fields.update({"strength": settings["strength"], "init_image_id": init_id})
+        fields.update({"strength": settings["strength"], "init_image_id": init_id,
+                       "init_label": init_label(settings, item.label)})
     meta.update({METADATA_PREFIX + k: str(v) for k, v in fields.items()})
     return meta
 
@@ -244,7 +273,8 @@ def read_png_metadata(path: str | Path) -> dict[str, str]:
 
 def manifest_rows(items: Iterable[SampleItem], folder: Path, settings: dict[str, Any],
                   init_ids: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """One manifest row per item; image-to-image folders add ``strength`` and ``init_image_id`` (its real image)."""
+    """One manifest row per item; image-to-image folders add ``strength``, ``init_image_id`` (its real image) and
+    ``init_label`` (that image's class)."""
     rows = [{
         "image_id": it.image_id, "group_id": it.image_id, "label": it.label, "path": str((folder / it.relpath).resolve()),
         "source": "synthetic", "seed": it.seed, "base_seed": settings["seed"], "index": it.index,
@@ -255,7 +285,8 @@ def manifest_rows(items: Iterable[SampleItem], folder: Path, settings: dict[str,
     } for it in items]
     if settings.get("strength") is not None:
         for row in rows:
-            row.update(strength=settings["strength"], init_image_id=(init_ids or {})[row["image_id"]])
+            row.update(strength=settings["strength"], init_image_id=(init_ids or {})[row["image_id"]],
+                       init_label=init_label(settings, row["label"]))
     return pd.DataFrame(rows)
 
 
