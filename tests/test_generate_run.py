@@ -293,3 +293,8 @@ def test_cli_train_gen_and_generate(tmp_path, split, capsys):
                      "--out", str(tmp_path / "like")]) == 0
     assert read_manifest(tmp_path / "like" / "manifest.csv")["steps"].tolist() == [2]
     assert cli_main(["generate", "--like", str(out), "--classes", "df"]) == 2  # no --seed
+    assert cli_main(["generate", "--gen", str(run), "--classes", "df", "--per-class", "1", "--steps", "2",
+                     "--sampler", "ddim", "--batch-size", "2", "--strength", "0.5", "--init-from", "df:nv",
+                     "--out", str(tmp_path / "m2m")]) == 0
+    assert read_manifest(tmp_path / "m2m" / "manifest.csv")["init_label"].tolist() == ["nv"]
+    assert cli_main(["generate", "--gen", str(run), "--classes", "df", "--init-from", "df:nv"]) == 2  # no --strength
