@@ -355,7 +355,8 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
         train_loss = float(_gather(state, loss_sum.float()[None]).mean()) / max(prog.n_batches, 1)
 
         # validation and bookkeeping, identical on every rank (gathered probabilities)
-        val_probs = _evaluate(scored, images["val"], norm, device, cfg, state)  # epoch choice: plain, 8x cheaper than TTA
+        # the epoch choice: plain views, 8x cheaper than TTA
+        val_probs = _evaluate(scored, images["val"], norm, device, cfg, state)
         vm = _score(data.val, val_probs, cfg, n_boot=0)
         row = {"epoch": prog.epoch + 1, "train_loss": train_loss, "val_macro_f1": vm["macro_f1"],
                "val_balanced_accuracy": vm["balanced_accuracy"], "val_minority_f1": vm["minority_f1"],
