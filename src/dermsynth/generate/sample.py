@@ -153,6 +153,12 @@ def init_sources(df: pd.DataFrame, label: str, base_seed: int, source: str | Non
     return [ids[i] for i in init_order(base_seed, label, len(ids))]
 
 
+def class_sources(df: pd.DataFrame, settings: Mapping[str, Any], batches: list[SampleBatch]) -> dict[str, list[str]]:
+    """init_sources of every class in ``batches``, from the class the folder's settings start it from."""
+    return {label: init_sources(df, label, int(settings["seed"]), init_label(settings, label))
+            for label in {b.label for b in batches}}
+
+
 def init_map(sources: Mapping[str, list[str]], batches: list[SampleBatch]) -> dict[str, str]:
     """image_id -> the real image it starts from, for every item of ``batches`` (``sources``: init_sources per class)."""
     return {it.image_id: sources[b.label][it.index % len(sources[b.label])] for b in batches for it in b.items}
@@ -163,9 +169,7 @@ def init_ids(plan: SamplePlan) -> dict[str, str] | None:
     if plan.settings.get("strength") is None:
         return None
     df = generator_train_rows(plan.settings["generator"])
-    seed = int(plan.settings["seed"])
-    return init_map({label: init_sources(df, label, seed, init_label(plan.settings, label))
-                     for label in {b.label for b in plan.batches}}, plan.batches)
+    return init_map(class_sources(df, plan.settings, plan.batches), plan.batches)
 
 
 def init_batch(cache: CachedImages, ids: list[str], batch: SampleBatch) -> torch.Tensor:
@@ -189,8 +193,7 @@ def run_shard(plan: SamplePlan, rank: int, world: int, device: Any = "cpu") -> l
     if strength is not None:  # the generator's own train cache: built when it trained, reused here
         df = generator_train_rows(s["generator"], info)
         cache = build_cache(df, int(info["image_size"]), progress=False)
-        sources = {label: init_sources(df, label, int(s["seed"]), init_label(s, label))
-                   for label in {b.label for b, _ in todo}}
+        sources = class_sources(df, s, [b for b, _ in todo])
         init_of = init_map(sources, [b for b, _ in todo])
     spent = {"load": time.perf_counter() - t0, "sample": 0.0, "write": 0.0}  # where a slow stage spends its time
     for batch, miss in tqdm(todo, desc=f"generate[{rank}]", leave=False, disable=rank != 0 and world > 1):
