@@ -9,7 +9,7 @@ from PIL import Image
 from dermsynth.data.split import load_split
 from dermsynth.metrics.feature_cache import load_images
 from dermsynth.metrics.features import DummyExtractor
-from dermsynth.metrics.memorisation import (MemorisationConfig, audit, calibrate, closest_pairs_grid,
+from dermsynth.metrics.memorisation import (MemorisationConfig, audit, calibrate, calibrate_orbit, closest_pairs_grid,
                                             same_lesion_similarities, transform)
 from test_quality_data import ham_split_json  # noqa: F401  (fixture)
 
@@ -65,18 +65,54 @@ def test_calibration_uses_same_lesion_pairs_or_says_it_fell_back():
     groups = np.array(["a", "a", "b", "b", "c"])  # two lesions with two photos each; "c" has one
     sims = same_lesion_similarities(groups, feats)
     assert np.allclose(sorted(sims), [0.8, 0.8])
-    cal = calibrate(groups, feats, MemorisationConfig(quantile=0.05, center=False))
+    cfg = MemorisationConfig(quantile=0.05, center=False)
+    cal = calibrate(sims, None, cfg)
     assert cal["threshold"] == pytest.approx(0.8) and cal["n_pairs"] == 2 and "same-lesion" in cal["source"]
-    # centred (the default): the shared mean (0.48, 0.48) is removed first, so pairs are compared by what differs
-    centred = calibrate(groups, feats, MemorisationConfig(quantile=0.05))
-    f = feats - feats.mean(0)
-    cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
-    assert centred["threshold"] == pytest.approx(np.quantile([cos(f[0], f[1]), cos(f[2], f[3])], 0.05))
-    # held-out new lesions as close to the training set as 0.95: the threshold rises to their 0.99 quantile
-    # (new lesions: [0.6, 0.8] * 1.01 has cosine 1.0 with train row 3; [1, 0.1] has 0.995 with row 0)
-    null = np.array([[0.606, 0.808], [1.0, 0.1]])
-    both = calibrate(groups, feats, MemorisationConfig(quantile=0.05, center=False, null_quantile=0.0), null)
-    assert both["threshold"] == pytest.approx(1 / np.sqrt(1.01)) and both["n_null"] == 2
-    assert "new-lesion q0 = " in both["source"] and "same-lesion q0.05 = 0.8000" in both["source"]
-    fb = calibrate(np.array(["a", "b", "c"]), feats[:3], MemorisationConfig(fallback_threshold=0.97))
+    # a pair's similarity is its best over the views of either photo: a view of row 1 equal to row 0 makes pair a 1.0
+    turned = feats.copy()
+    turned[1] = feats[0]
+    assert np.allclose(sorted(same_lesion_similarities(groups, feats, [feats, turned])), [0.8, 1.0])
+    # held-out new lesions nearer the training set than the same-lesion pairs: the threshold rises to their quantile
+    both = calibrate(sims, np.array([0.9, 0.995]), MemorisationConfig(quantile=0.05, null_quantile=1.0))
+    assert both["threshold"] == pytest.approx(0.995) and both["n_null"] == 2
+    assert "new-lesion q1 = 0.9950" in both["source"] and "same-lesion q0.05 = 0.8000" in both["source"]
+    fb = calibrate(np.empty(0), None, MemorisationConfig(fallback_threshold=0.97))
     assert fb["threshold"] == 0.97 and fb["source"] == "fallback"
+
+
+def test_calibration_on_the_orbit_centres_like_the_audit(train_set):
+    """calibrate_orbit measures same-lesion pairs on centred features, as the audit compares them."""
+    train, train_img, _, _ = train_set
+    ext = DummyExtractor()
+    feats = ext(train_img)
+    cfg = MemorisationConfig(orbit="none", quantile=0.05, null_part="")
+    cal = calibrate_orbit(train, train_img, feats, None, ext, cfg, progress=False)
+    f = feats - feats.mean(0)
+    assert cal["n_pairs"] > 0
+    assert cal["threshold"] == pytest.approx(np.quantile(same_lesion_similarities(train["group_id"], f), 0.05))
+
+
+def test_new_lesions_are_flagged_at_the_calibrated_rate_whatever_the_orbit():
+    """The threshold is calibrated on the audit's own statistic (the best match over the flips/rotations), so real
+    new lesions are flagged at about the calibrated rate; calibrated on single views, the same rule flagged several
+    times more of them, since a maximum over 8 views is higher than one view's similarity."""
+    rng = np.random.default_rng(0)
+
+    def lesions(n: int) -> np.ndarray:  # smooth random "images": no symmetry, so every view is a different image
+        small = rng.integers(0, 256, (n, 4, 4, 3)).astype(np.uint8)
+        return np.stack([np.asarray(Image.fromarray(x).resize((16, 16), Image.BILINEAR)) for x in small])
+
+    train_img, null_img, new_img = lesions(300), lesions(300), lesions(600)
+    train = pd.DataFrame({"image_id": [f"t{i}" for i in range(300)], "group_id": [f"g{i}" for i in range(300)],
+                          "label": "nv"})
+    new = pd.DataFrame({"image_id": [f"n{i}" for i in range(600)], "label": "nv"})
+    ext = DummyExtractor()
+    feats = ext(train_img)
+    cfg = MemorisationConfig(orbit="d4", null_quantile=0.95, ssim_threshold=1.01)
+    cal = calibrate_orbit(train, train_img, feats, null_img, ext, cfg, progress=False)
+    rows, _ = audit(new, new_img, train, train_img, feats, ext, cfg, cal, progress=False)
+    assert 0.02 <= rows["is_copy"].mean() <= 0.09  # about 1 - 0.95 of new lesions
+    single = calibrate_orbit(train, train_img, feats, null_img, ext, MemorisationConfig(orbit="none",
+                                                                                         null_quantile=0.95))
+    assert single["threshold"] < cal["threshold"]
+    assert (rows["cosine"] >= single["threshold"]).mean() > 2 * rows["is_copy"].mean()

@@ -69,6 +69,25 @@ def test_pooled_classes_choose_the_pooled_group_and_an_absent_class_is_refused(s
     assert not (tmp / "q_mel").exists()  # refused before anything is written
 
 
+def test_copies_are_searched_in_train_whatever_the_floor_and_old_figures_are_not_shown(setup, capsys):
+    samples, split, copied_id, tmp = setup
+    out = tmp / "q_val_floor"
+    out.mkdir()
+    (out / "grid_mel.png").write_bytes(b"a figure of an earlier run into this folder")
+    args = ["quality", "--samples", str(samples), "--split", str(split), *FAST, "--set", "repeats=2",
+            "--set", "memorisation.orbit=flip", "--set", "diversity_pairs=10"]
+    assert main([*args, "--out", str(out), "--set", "floor_part=val"]) == 0
+    memo = pd.read_csv(out / "memorisation.csv")
+    # the samples are val images: searched in val, every one would be its own "copy"
+    assert memo["is_copy"].tolist() == [False] * (len(memo) - 1) + [True]
+    assert memo["nearest_train_id"].iloc[-1] == copied_id
+    page = (out / "quality.html").read_text()
+    assert "grid_df.png" in page and "grid_mel" not in page
+    # new lesions of the test part must not set the copy threshold (a choice)
+    assert main([*args, "--out", str(tmp / "q_null_test"), "--set", "memorisation.null_part=test"]) == 2
+    assert "memorisation.null_part" in capsys.readouterr().err
+
+
 def test_filter_cli(setup):
     samples, split, copied_id, tmp = setup
     out = tmp / "filtered"

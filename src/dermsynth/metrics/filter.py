@@ -38,7 +38,7 @@ from dermsynth.metrics.distribution import c2st_auc_of, c2st_scores, realism_ins
 from dermsynth.metrics.feature_cache import (default_out, features_and_logits, load_images, native_size,
                                               samples_on_split)
 from dermsynth.metrics.features import ExtractorSpec, make_extractor
-from dermsynth.metrics.memorisation import MemorisationConfig, audit, calibrate, null_rows
+from dermsynth.metrics.memorisation import MemorisationConfig, audit, calibrate_orbit, null_rows
 from dermsynth.runlog import get_logger, run_log
 
 log = get_logger("metrics.filter")
@@ -201,8 +201,8 @@ def run_filter(samples: str | Path, split: str | Path, cfg: FilterConfig | None 
 
         memo = None
         if cfg.copies:
-            null_f, _ = features_and_logits(load_images(null_rows(sp, cfg.memorisation), size), extractor)
-            calib = calibrate(train["group_id"], train_f, cfg.memorisation, null_f)
+            null_img = load_images(null_rows(sp, cfg.memorisation, cfg.seed), size)
+            calib = calibrate_orbit(train, train_img, train_f, null_img, extractor, cfg.memorisation)
             rows, memo = audit(syn, syn_img, train, train_img, train_f, extractor, cfg.memorisation, calib)
             table["nearest_train_id"], table["copy_cosine"], table["copy_ssim"] = (
                 rows["nearest_train_id"].to_numpy(), rows["cosine"].to_numpy(), rows["ssim"].to_numpy())

@@ -3,8 +3,9 @@
 Per synthetic class and pooled over them (or over ``pooled_classes``), the synthetic images and, as the floor, real
 TRAIN images are each compared with real TEST images at the SAME N: both sides are subsampled to N = min(test,
 synthetic, train) images of the class (pooled: drawn class by class in the test part's proportions), ``repeats``
-times, and every number is the mean (and std) over those draws. A metric at N = 17 (dermatofibroma's test part) is
-biased; the floor at the same N shows how much of the number is that bias and how much is the generator. KID's
+times, and every number is the mean (and std) over those draws (but diversity, a mean over image pairs whose
+expectation does not depend on N: it uses every image of each side). A metric at N = 17 (dermatofibroma's test part)
+is biased; the floor at the same N shows how much of the number is that bias and how much is the generator. KID's
 unbiased estimator is the headline for small N. The classifier two-sample test (C2ST: cross-validated AUC of a linear
 classifier telling the synthetic images' features from the real ones) says how visible a "synthetic look" is, which a
 classifier trained on both can learn as evidence for the classes that have synthetic images; its floor is the same
@@ -33,8 +34,8 @@ from dermsynth.metrics.diversity import pairwise_diversity
 from dermsynth.metrics.feature_cache import (default_out, features_and_logits, load_images, native_size,
                                               samples_on_split)
 from dermsynth.metrics.features import ExtractorSpec, make_extractor, metric_name
-from dermsynth.metrics.memorisation import (MemorisationConfig, audit, calibrate, closest_pairs_grid, null_rows,
-                                            real_flag_rate)
+from dermsynth.metrics.memorisation import (MemorisationConfig, audit, calibrate_orbit, closest_pairs_grid,
+                                            null_rows, real_flag_rate)
 from dermsynth.runlog import get_logger, run_log
 
 log = get_logger("metrics.quality")
@@ -109,6 +110,15 @@ def compare(source: dict[str, np.ndarray], ref: dict[str, np.ndarray], counts: d
 # The run
 # ----------------------------------------------------------------------------------------------------------------------
 
+def equal_n_inception_score(logits: dict[str, np.ndarray], counts: dict[str, int], repeats: int,
+                             seed: int) -> tuple[float, float]:
+    """Inception Score over ``repeats`` draws of ``counts`` images per class: IS grows with N (its chunks' marginals
+    sharpen), so a synthetic set and its floor are scored at the same N, as every other number here."""
+    rng = np.random.default_rng(seed)
+    v = [dist.inception_score(_draw(logits, counts, rng))[0] for _ in range(repeats)]
+    return float(np.mean(v)), float(np.std(v))
+
+
 def _by_class(df: pd.DataFrame, feats: np.ndarray, classes: list[str]) -> dict[str, np.ndarray]:
     return {c: feats[(df["label"] == c).to_numpy()] for c in classes}
 
@@ -173,9 +183,11 @@ def run_quality(samples: str | Path, split: str | Path, cfg: QualityConfig | Non
                 g[key][f"diversity_{d['metric']}"] = d["value"]
                 g[key][f"diversity_{d['metric']}_std"] = d["std"]
             g["floor"]["diversity_of"] = f"real {cfg.reference} images"
-            if extractor.n_logits:
-                g["synthetic"][metric_name("IS", ename)] = dist.inception_score(syn_logits[mask_s])[0]
-                g["floor"][metric_name("IS", ename)] = dist.inception_score(ref_logits[mask_r])[0]
+            if extractor.n_logits:  # the floor: real reference images at the same N
+                for key, lg in (("synthetic", _by_class(syn, syn_logits, classes)),
+                                ("floor", _by_class(ref_df, ref_logits, classes))):
+                    m, sd = equal_n_inception_score({c: lg[c] for c in cls}, counts, cfg.repeats, cfg.seed + gi)
+                    g[key][metric_name("IS", ename)], g[key][metric_name("IS", ename) + "_std"] = m, sd
             g["ratio_to_floor"] = {m: _ratio(g["synthetic"][m], g["floor"][m])
                                    for m in (metric_name("FD", ename), metric_name("KID", ename))}
             groups[name] = g
@@ -184,15 +196,23 @@ def run_quality(samples: str | Path, split: str | Path, cfg: QualityConfig | Non
                      g["floor"][metric_name("KID", ename)], metric_name("FD", ename),
                      g["synthetic"][metric_name("FD", ename)], g["floor"][metric_name("FD", ename)])
 
-        null_f, _ = features_and_logits(load_images(null_rows(sp, cfg.memorisation, cfg.seed), size), extractor)
-        calib = calibrate(train_all["group_id"], train_f, cfg.memorisation, null_f)
-        rows, memo = audit(syn, syn_img, train_all, train_img, train_f, extractor, cfg.memorisation, calib)
-        memo["real_test_flag_rate"] = real_flag_rate(ref_f, train_f, calib["threshold"], cfg.memorisation)
+        # copies are searched in what the generator learnt from, the TRAIN part, whatever part plays the floor
+        if cfg.floor_part == "train":
+            gen_df, gen_img, gen_f = train_all, train_img, train_f
+        else:
+            gen_df = sp.part("train")
+            gen_img = load_images(gen_df, size)
+            gen_f, _ = features_and_logits(gen_img, extractor)
+        null_img = load_images(null_rows(sp, cfg.memorisation, cfg.seed), size)
+        calib = calibrate_orbit(gen_df, gen_img, gen_f, null_img, extractor, cfg.memorisation)
+        rows, memo = audit(syn, syn_img, gen_df, gen_img, gen_f, extractor, cfg.memorisation, calib)
+        memo["real_test_flag_rate"] = real_flag_rate(ref_img, gen_f, calib["threshold"], extractor, cfg.memorisation)
         memo["note"] = ("copy = cosine >= cosine_threshold (max of the same-lesion and new-lesion quantiles) or "
-                        "SSIM >= ssim_threshold; real_test_flag_rate: how often real new lesions of the test part "
-                        "(never used for calibration) pass the cosine rule")
+                        "SSIM >= ssim_threshold, every image matched over the orbit; real_test_flag_rate: how often "
+                        f"real new lesions of the {cfg.reference} part (never used for calibration) pass the cosine "
+                        "rule")
         atomic_write_csv(out / "memorisation.csv", rows)
-        closest_pairs_grid(rows, syn_img, train_img, train_all["image_id"].tolist(), out / "closest_pairs.png",
+        closest_pairs_grid(rows, syn_img, gen_img, gen_df["image_id"].tolist(), out / "closest_pairs.png",
                            cfg.memorisation.grid_pairs)
         result = {
             "extractor": ename, "extractor_version": extractor.version, "feature_input_size": cfg.features.input_size,
@@ -296,8 +316,10 @@ def _page(out: Path, result: dict) -> Path:
     memo = result["memorisation"]
     memo_rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{memo['copies'][c]} / {memo['n'][c]}</td>"
                         f"<td>{memo['copy_rate'][c]:.3f}</td></tr>" for c in memo["copy_rate"])
-    figs = "".join(f'<figure><img src="{p.name}" style="max-width:100%"><figcaption>{p.stem}</figcaption></figure>'
-                   for p in sorted(out.glob("*.png")))
+    # this run's figures only: a rerun into the folder with fewer classes leaves older grids behind
+    names = [f"grid_{c}.png" for c in result["classes"]] + ["metrics_vs_floor.png", "closest_pairs.png"]
+    figs = "".join(f'<figure><img src="{n}" style="max-width:100%"><figcaption>{n[:-4]}</figcaption></figure>'
+                   for n in names if (out / n).is_file())
     text = f"""<!doctype html><html><head><meta charset="utf-8"><title>dermsynth quality</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}td,th{{border:1px solid #ccc;padding:3px 6px;
 font-size:13px}}table{{border-collapse:collapse}}</style></head><body>
