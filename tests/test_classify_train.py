@@ -166,8 +166,9 @@ def test_resume_mid_epoch_and_at_epoch_end_equals_uninterrupted(toy_split, tmp_p
 
 def test_early_stopping_and_extra_test_sets(toy_split, tmp_path):
     split = load_split(toy_split)
+    unseen = write_manifest(split.part("test"), tmp_path / "unseen" / "manifest.csv")  # no train lesion in it
     cfg = tiny_cfg(toy_split, "train.epochs=8", "train.patience=1", "train.lr=1e-9",
-                   f"eval.extra_test={{again: {split.manifest_path}}}")
+                   f"eval.extra_test={{again: {unseen}}}")
     m = train_classifier(cfg, tmp_path / "run")
     f1 = pd.read_csv(tmp_path / "run" / "summary.csv")["val_macro_f1"].tolist()
     best, bad, expected_stop = -1.0, 0, len(f1)
@@ -178,8 +179,8 @@ def test_early_stopping_and_extra_test_sets(toy_split, tmp_path):
             break
     assert m["epochs_run"] == len(f1) == expected_stop < 8 and m["stopped_early"]
     assert m["best_epoch"] == int(np.argmax(f1)) + 1
-    assert m["extra"]["again"]["n"] == len(split.manifest)
-    assert len(pd.read_csv(tmp_path / "run" / "predictions_again.csv")) == len(split.manifest)
+    assert m["extra"]["again"]["n"] == len(split.parts["test"])
+    assert len(pd.read_csv(tmp_path / "run" / "predictions_again.csv")) == len(split.parts["test"])
 
 
 def test_real_only_last_epochs_draw_real_rows_only_and_early_stopping_skips_to_them(toy_split, tmp_path,
