@@ -121,6 +121,27 @@ def test_bad_synthetic_manifests(toy_split, synthetic, tmp_path):
         load_clf_data(cfg)
 
 
+def test_extra_test_set_sharing_images_or_lesions_with_train_is_refused(toy_split, tmp_path):
+    """Scores on an extra test set that holds training images, or other photos of training lesions, are inflated."""
+    d = load_clf_data(_cfg(toy_split))
+    train = d.split.part("train")
+    unseen = d.split.part("test")
+    lesion = train.iloc[[0]].assign(image_id="another_photo")  # a new image of a training lesion
+    sets = {"overlap": pd.concat([unseen, train.iloc[:2]]), "same_lesion": pd.concat([unseen, lesion]),
+            "unseen": unseen}
+    for name, df in sets.items():
+        cfg = _cfg(toy_split)
+        cfg.eval.extra_test = {name: str(write_manifest(df, tmp_path / name / "manifest.csv"))}
+        if name == "unseen":
+            assert len(load_clf_data(cfg).extra["unseen"]) == len(unseen)
+            continue
+        with pytest.raises(DataError, match=f"extra_test {name}.*train part") as e:
+            load_clf_data(cfg)
+        assert train["group_id"].iloc[0] in str(e.value)
+        if name == "overlap":
+            assert "2 image id(s)" in str(e.value) and train["image_id"].iloc[0] in str(e.value)
+
+
 def test_load_images_rows_in_order_across_caches(toy_split, synthetic):
     d = load_clf_data(_cfg(toy_split, synthetic))
     arr = load_images(d.train, 24, None, open_caches(d.manifests, 24, None))

@@ -166,8 +166,9 @@ def test_resume_mid_epoch_and_at_epoch_end_equals_uninterrupted(toy_split, tmp_p
 
 def test_early_stopping_and_extra_test_sets(toy_split, tmp_path):
     split = load_split(toy_split)
+    unseen = write_manifest(split.part("test"), tmp_path / "unseen" / "manifest.csv")  # no train lesion in it
     cfg = tiny_cfg(toy_split, "train.epochs=8", "train.patience=1", "train.lr=1e-9",
-                   f"eval.extra_test={{again: {split.manifest_path}}}")
+                   f"eval.extra_test={{again: {unseen}}}")
     m = train_classifier(cfg, tmp_path / "run")
     f1 = pd.read_csv(tmp_path / "run" / "summary.csv")["val_macro_f1"].tolist()
     best, bad, expected_stop = -1.0, 0, len(f1)
@@ -178,8 +179,8 @@ def test_early_stopping_and_extra_test_sets(toy_split, tmp_path):
             break
     assert m["epochs_run"] == len(f1) == expected_stop < 8 and m["stopped_early"]
     assert m["best_epoch"] == int(np.argmax(f1)) + 1
-    assert m["extra"]["again"]["n"] == len(split.manifest)
-    assert len(pd.read_csv(tmp_path / "run" / "predictions_again.csv")) == len(split.manifest)
+    assert m["extra"]["again"]["n"] == len(split.parts["test"])
+    assert len(pd.read_csv(tmp_path / "run" / "predictions_again.csv")) == len(split.parts["test"])
 
 
 def test_real_only_last_epochs_draw_real_rows_only_and_early_stopping_skips_to_them(toy_split, tmp_path,
@@ -372,6 +373,62 @@ def test_ddp_two_cpu_processes_one_epoch(toy_split, tmp_path):
     preds = pd.read_csv(run / "predictions.csv")
     assert preds["image_id"].tolist() == load_split(toy_split).parts["test"]  # gathered back in order
     assert (run / "log.txt").read_text().count("epoch 1/1") == 1  # rank 0 alone writes the log
+
+
+# one rank of a 2-process run: argv = config, out, global step to stop after (0: none), resume (0/1), overrides
+_DDP_WORKER = """
+import json, sys
+from dermsynth.classify.config import ClfConfig
+from dermsynth.classify.train import train_classifier
+from dermsynth.config import load_config
+
+config, out, stop, resume, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+
+class Stop(Exception):
+    pass
+
+def hook(epoch, step, g):
+    if g == stop:
+        raise Stop
+
+try:
+    train_classifier(load_config(ClfConfig, config, json.loads(overrides)), out, resume=resume, on_step=hook)
+except Stop:
+    pass
+"""
+
+
+@pytest.mark.slow
+def test_ddp_resume_mid_epoch_equals_uninterrupted_train_loss_included(toy_split, tmp_path, monkeypatch):
+    """2 processes over gloo, stopped right after a mid-epoch checkpoint (written by rank 0 alone) and resumed: the
+    run ends as an uninterrupted one does, and so does the resumed epoch's logged train_loss, which covers both
+    ranks' batches of the partial epoch (not rank 0's counted twice)."""
+    if not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed gloo backend not available")
+    from gloo import run_gloo
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    over = [f"data.split={toy_split}", "data.image_size=24", "train.epochs=2", "train.batch_size=16",
+            "eval.n_boot=20", "train.device=cpu"]
+
+    def launch(out: Path, *extra: str, stop: int = 0, resume: bool = False) -> None:
+        run_gloo([sys.executable, "-c", _DDP_WORKER, str(TINY), str(out), str(stop), str(int(resume)),
+                  json.dumps([*over, *extra])], tmp_path / "cache", timeout=600)
+
+    full = tmp_path / "full"
+    launch(full)
+    steps = len(pd.read_csv(full / "train_set.csv")) // (16 * 2)  # optimiser steps per epoch, 2 ranks
+    assert steps >= 2 and json.loads((full / "metrics.json").read_text())["processes"] == 2
+    mid = tmp_path / "mid"
+    launch(mid, "train.checkpoint_minutes=1e-9", stop=steps + 1)  # one step into epoch 2
+    assert not (mid / "metrics.json").exists() and len(pd.read_csv(mid / "summary.csv")) == 1
+    launch(mid, "train.checkpoint_minutes=1e-9", resume=True)
+    wf, wm = _weights(full), _weights(mid)
+    assert wf.keys() == wm.keys() and all(torch.equal(wf[k], wm[k]) for k in wf)
+    # the per-epoch history, train_loss of the resumed epoch 2 included (predictions are not compared: rank 1 scores
+    # its shard with its own BatchNorm buffers, which a resume replaces by rank 0's)
+    sf, sm = pd.read_csv(full / "summary.csv"), pd.read_csv(mid / "summary.csv")
+    pd.testing.assert_frame_equal(sf.drop(columns=TIMING), sm.drop(columns=TIMING))
 
 
 def test_cli_end_to_end_on_toy(toy_split, tmp_path, capsys):

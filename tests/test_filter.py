@@ -19,7 +19,7 @@ from dermsynth.config import ConfigError
 from dermsynth.data.labels import CLASSES
 from dermsynth.data.manifest import read_manifest, write_manifest
 from dermsynth.data.split import SplitConfig, load_split, make_split
-from dermsynth.io import atomic_save_image, image_array
+from dermsynth.io import DataError, atomic_save_image, image_array
 from dermsynth.metrics import features as features_mod
 from dermsynth.metrics.filter import FilterConfig, class_thresholds, detector_check, run_filter
 from test_quality_data import fake_samples
@@ -72,7 +72,18 @@ def world(tmp_path, monkeypatch):
     images = [good(sure_df), bad(sure_df), image_array(copy_src["path"]), good(0), bad(0)]
     names = ["good", "unrealistic", "copy", "unsure", "unrealistic_unsure"]
     samples = fake_samples(tmp_path / "samples", np.stack(images), ["df"] * 5, ids=names)
+    reference_run(tmp_path / "run", split)  # what check (b) reads of the fake classifiers' run
     return samples, split, copy_src["image_id"]
+
+
+def reference_run(run, on_split, **metrics):
+    """A finished classifier run's metrics.json: real-only, on ``on_split``, unless ``metrics`` says otherwise
+    (a key given as None is left out)."""
+    m = {"split": str(on_split), "split_fingerprint": load_split(on_split).fingerprint,
+         "train_counts": {c: {"real": 2, "synthetic": 0} for c in CLASSES}, **metrics}
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.json").write_text(json.dumps({k: v for k, v in m.items() if v is not None}))
+    return run
 
 
 @pytest.fixture()
@@ -99,7 +110,7 @@ def _cfg():
 
 def test_filter_reasons_per_image(world, fake_classifier, tmp_path):
     samples, split, copy_id = world
-    out = run_filter(samples, split, _cfg(), tmp_path / "filtered", classifier=tmp_path / "some_run")
+    out = run_filter(samples, split, _cfg(), tmp_path / "filtered", classifier=tmp_path / "run")
     kept = read_manifest(out / "manifest.csv")
     assert kept["image_id"].tolist() == ["good"]
     assert kept["path"].iloc[0] == str((samples / "images" / "good.png").resolve())  # points at the original PNG
@@ -191,6 +202,28 @@ def test_calibrated_threshold_keeps_what_the_absolute_one_rejects(world, monkeyp
     rej = pd.read_csv(out / "rejected.csv", keep_default_na=False).set_index("image_id")
     assert set(rej.index) == {"unsure", "unrealistic_unsure"}
     assert (rej["reasons"] == "low_class_prob").all()
+
+
+def test_class_prob_check_refuses_a_classifier_not_real_only_on_this_split(world, fake_classifier, tmp_path):
+    """Check (b) uses only a finished classifier trained on real images of this very split: one trained on another
+    split may have seen its val/test lesions, which would then leak into the choice of synthetic images."""
+    samples, split, _ = world
+    cfg = _cfg()
+    cfg.realism, cfg.copies = False, False
+    counts = {c: {"real": 2, "synthetic": 3 if c == "df" else 0} for c in CLASSES}
+    bad = {"unfinished": ({}, "unfinished.*not finished"),
+           "other_split": ({"split_fingerprint": "0" * 64, "split": "elsewhere/split.json"},
+                           "other_split was trained on split elsewhere/split.json"),
+           "hybrid": ({"train_counts": counts}, "hybrid is not real-only: it trained on 3 synthetic"),
+           "old": ({"train_counts": None}, "old: its metrics.json has no train_counts")}
+    for name, (metrics, message) in bad.items():
+        run = reference_run(tmp_path / name, split, **metrics)
+        if name == "unfinished":  # a run still training (or killed) has no metrics.json yet
+            (run / "metrics.json").unlink()
+        with pytest.raises(DataError, match=message):
+            run_filter(samples, split, cfg, tmp_path / f"filtered_{name}", classifier=run)
+    kept = read_manifest(run_filter(samples, split, cfg, tmp_path / "ok", classifier=tmp_path / "run") / "manifest.csv")
+    assert sorted(kept["image_id"]) == ["copy", "good", "unrealistic"]  # a real-only run on this split: used
 
 
 def test_class_prob_quantile_out_of_range_is_refused(world, tmp_path):

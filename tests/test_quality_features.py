@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from dermsynth.metrics.feature_cache import cached_features, feature_dir
-from dermsynth.metrics.features import (INCEPTION_FILE, DummyExtractor, ExtractorSpec, make_extractor, metric_name)
-from dermsynth.pretrained import WeightsNotFoundError
+from dermsynth.io import DataError
+from dermsynth.metrics.features import (INCEPTION_FILE, DummyExtractor, ExtractorSpec, make_extractor, metric_name,
+                                        weights_stamp)
+from dermsynth.pretrained import WeightsNotFoundError, lite0_package_file
 
 
 class Counting:
@@ -92,3 +95,68 @@ def test_lite0_extractor_pooled_features():
     f = ext(_images(5, size=40))
     assert f.shape == (5, 1280) and np.isfinite(f).all() and f.std() > 0
     assert "s32" in ext.version  # the input size is part of the cache key
+    assert weights_stamp(lite0_package_file()) in ext.version  # and so is the weight file's content
+
+
+@pytest.fixture()
+def tiny_dinov2(monkeypatch):
+    """The dinov2 extractor's architecture cut to one block (milliseconds), and a builder of its weights."""
+    import timm
+
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: create(name, **{"depth": 1, **kw}))
+
+    def weights(seed: int, img_size: int = 28) -> dict:
+        torch.manual_seed(seed)
+        return timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=img_size).state_dict()
+
+    return weights
+
+
+def test_dinov2_cache_version_follows_the_weight_content(tiny_dinov2, tmp_path):
+    """Two weight files of one architecture have one size; their features must still never share a cache."""
+    from safetensors.torch import save_file
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(tiny_dinov2(0), str(a))
+    save_file(tiny_dinov2(1), str(b))
+    assert a.stat().st_size == b.stat().st_size
+    ea = make_extractor(ExtractorSpec("dinov2", input_size=28, weights=str(a)))
+    eb = make_extractor(ExtractorSpec("dinov2", input_size=28, weights=str(b)))
+    assert ea.version != eb.version and feature_dir(ea, tmp_path) != feature_dir(eb, tmp_path)
+    saved = tiny_dinov2(0)
+    assert all(torch.equal(v, saved[k]) for k, v in ea.net.state_dict().items())  # the file's weights, not random
+    assert not np.allclose(ea(_images(2, size=28)), eb(_images(2, size=28)))
+
+
+def test_dinov2_refuses_weights_that_do_not_fit_its_model(tiny_dinov2, tmp_path):
+    """Prefixed keys, another model's keys or another input size: an error naming the file, never random weights."""
+    from safetensors.torch import save_file
+
+    state = tiny_dinov2(0)
+    prefixed = tmp_path / "prefixed.safetensors"
+    save_file({f"backbone.{k}": v for k, v in state.items()}, str(prefixed))
+    with pytest.raises(DataError, match=r"prefixed\.safetensors.*missing key") as e:
+        make_extractor(ExtractorSpec("dinov2", input_size=28, weights=str(prefixed)))
+    assert "unexpected, e.g. ['backbone." in str(e.value)  # the keys it did find are shown
+    good = tmp_path / "good.safetensors"
+    save_file(state, str(good))
+    with pytest.raises(DataError, match=r"good\.safetensors.*pos_embed"):  # saved at 28 px, built at 42 px
+        make_extractor(ExtractorSpec("dinov2", input_size=42, weights=str(good)))
+
+
+def test_inception_cache_version_follows_the_weight_content(tmp_path, monkeypatch):
+    """Any file can be named as the Inception weights: its content, not its name, keys the feature cache."""
+    import sys
+    import types
+
+    module = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
+    module.FeatureExtractorInceptionV3 = lambda *a, **kw: torch.nn.Identity()  # the graph itself is not under test
+    monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", module)
+    a, b = tmp_path / "a" / INCEPTION_FILE, tmp_path / "b" / INCEPTION_FILE
+    for path, byte in ((a, b"\x01"), (b, b"\x02")):
+        path.parent.mkdir()
+        path.write_bytes(byte * 1000)
+    va, vb = (make_extractor(ExtractorSpec("inception", weights=str(p))).version for p in (a, b))
+    assert va != vb and weights_stamp(a) in va

@@ -2,7 +2,7 @@
 
 Synthetic images join the *train* part, per class, at a configured ratio to the real images of that class; they are
 checked never to appear in val, test or an extra test set, and every sample keeps its ``source`` so the run records
-exactly what it trained on.
+exactly what it trained on. An extra test set must also share no image or lesion with the train part.
 """
 from __future__ import annotations
 
@@ -59,6 +59,17 @@ def check_no_synthetic(df: pd.DataFrame, where: str, synthetic_ids: set[str] | f
         ids = df.loc[bad, "image_id"].head(5).tolist()
         raise DataError(f"{where}: {int(bad.sum())} synthetic image(s) found, e.g. {ids}; synthetic images may only "
                         f"join the train part (data.synthetic), never val or test")
+
+
+def check_disjoint_from_train(df: pd.DataFrame, train: pd.DataFrame, where: str) -> None:
+    """Refuse a test set sharing images or lesions (group_id) with the train part: the classifier learnt from them,
+    so its scores there would be inflated."""
+    ids = sorted(set(df["image_id"]) & set(train["image_id"]))
+    groups = sorted(set(df["group_id"]) & set(train["group_id"]))
+    if ids or groups:
+        raise DataError(f"{where}: {len(ids)} image id(s) (e.g. {ids[:5]}) and {len(groups)} lesion group id(s) "
+                        f"(e.g. {groups[:5]}) also appear in the split's train part; a test set must hold unseen "
+                        f"lesions only (drop those rows, or use the split's test part)")
 
 
 def synthetic_ratios(cfg: DataConfig) -> dict[str, float]:
@@ -125,6 +136,7 @@ def load_clf_data(cfg: ClfConfig) -> ClfData:
     for name, path in cfg.eval.extra_test.items():
         df = read_manifest(path)[COLUMNS].copy()
         check_no_synthetic(df, f"eval.extra_test {name} ({path})", syn_ids)
+        check_disjoint_from_train(df, parts["train"], f"eval.extra_test {name} ({path})")
         extra[name] = df
     return ClfData(split, parts["train"], parts["val"], parts["test"], extra, info, manifests)
 

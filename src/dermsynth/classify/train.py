@@ -92,6 +92,15 @@ def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     return ((seed * 1_000_003 + epoch) * 100_003 + step) * 1_009 + rank
 
 
+def _summed(state: Any, t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over all processes (``t`` itself in one process)."""
+    if state.num_processes == 1:
+        return t
+    from accelerate.utils import reduce
+
+    return reduce(t, reduction="sum")
+
+
 def _gather(state: Any, t: torch.Tensor) -> torch.Tensor:
     if state.num_processes == 1:
         return t
@@ -336,7 +345,9 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.detach().double()
+            # summed over the ranks at every step, so every rank holds the epoch's total so far: the mid-epoch
+            # checkpoint that rank 0 alone writes then restores every rank's share, not rank 0's on every rank
+            loss_sum += _summed(state, loss.detach().double())
             prog.step, prog.global_step, prog.n_batches = step + 1, prog.global_step + 1, prog.n_batches + 1
             if ema is not None:
                 ema.update(net, step=prog.global_step)
@@ -352,7 +363,7 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_s = prog.train_s + time.monotonic() - t0
-        train_loss = float(_gather(state, loss_sum.float()[None]).mean()) / max(prog.n_batches, 1)
+        train_loss = float(loss_sum.float()) / max(prog.n_batches * world, 1)  # the mean over ranks and steps
 
         # validation and bookkeeping, identical on every rank (gathered probabilities)
         # the epoch choice: plain views, 8x cheaper than TTA

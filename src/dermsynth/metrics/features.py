@@ -13,6 +13,7 @@ outputs would change (weights, input size, preprocessing), so cached features ar
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dermsynth.io import DataError, sha256_file
 from dermsynth.paths import cache_root
-from dermsynth.pretrained import WeightsNotFoundError, load_lite0_imagenet, load_state_file
+from dermsynth.pretrained import WeightsNotFoundError, lite0_package_file, load_lite0_imagenet, load_state_file
 
 # The FID Inception weights file name as torch-fidelity (and pytorch-fid derived tools) publish it.
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -84,6 +86,20 @@ class _TorchExtractor:
         return out
 
 
+def weights_stamp(path: str | Path) -> str:
+    """A short content hash of a weight file, for extractor versions: two different files of one architecture (even
+    of one size) must never share a feature cache."""
+    st = Path(path).stat()
+    return _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)[:16]
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, hashed once per process for as long as its size and mtime hold (weight files run to
+    ~100 MB, and an extractor may be built several times in one run)."""
+    return sha256_file(path)
+
+
 def _check_images(images: np.ndarray) -> None:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"feature extractors take uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
@@ -113,7 +129,9 @@ def _lite0(spec: ExtractorSpec) -> Extractor:
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)  # num_classes=0: pooled 1280-d
     state = {k: v for k, v in load_lite0_imagenet().items() if not k.startswith("classifier.")}
     net.load_state_dict(state, strict=True)
-    return _TorchExtractor("lite0", f"lite0-imagenet-pool1280-s{spec.input_size}-v1", 1280, net,
+    # the package file's hash: a package release that ships other weights must not reuse old features
+    stamp = weights_stamp(lite0_package_file())
+    return _TorchExtractor("lite0", f"lite0-imagenet-{stamp}-pool1280-s{spec.input_size}-v1", 1280, net,
                            _resize_norm(spec.input_size, (0.5,) * 3, (0.5,) * 3), _device(spec.device), spec.batch_size)
 
 
@@ -152,8 +170,10 @@ def _inception(spec: ExtractorSpec) -> Extractor:
             pool, logits = self.net(x)
             return torch.cat([pool, logits], dim=1)  # the logits ride along for the Inception Score
 
-    return _TorchExtractor("inception", "fid-inception-2015-12-05-pool2048+logits1008-v1", 2048 + 1008, _Pool(),
-                           lambda x: x, _device(spec.device), spec.batch_size, n_logits=1008)
+    # any file can be pointed to (features.weights, $DERMSYNTH_INCEPTION_WEIGHTS): its hash keys the feature cache
+    version = f"fid-inception-2015-12-05-{weights_stamp(path)}-pool2048+logits1008-v1"
+    return _TorchExtractor("inception", version, 2048 + 1008, _Pool(), lambda x: x, _device(spec.device),
+                           spec.batch_size, n_logits=1008)
 
 
 def _download(url: str, path: Path) -> None:
@@ -171,11 +191,27 @@ def _dinov2(spec: ExtractorSpec) -> Extractor:
         raise WeightsNotFoundError("the 'dinov2' extractor needs a local weight file of timm "
                                    "vit_small_patch14_dinov2 (--set features.weights=PATH)")
     net = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=spec.input_size)
-    net.load_state_dict(load_state_file(spec.weights), strict=False)
-    stamp = Path(spec.weights).stat().st_size
+    _load_exactly(net, load_state_file(spec.weights), spec.weights)
+    stamp = weights_stamp(spec.weights)  # the content, not the size: same-architecture files are all one size
     return _TorchExtractor("dinov2", f"dinov2-vits14-{stamp}-s{spec.input_size}-v1", net.num_features, net,
                            _resize_norm(spec.input_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
                            _device(spec.device), spec.batch_size)
+
+
+def _load_exactly(net: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load every weight of ``net`` from ``state`` or raise: a partial load would leave random weights behind and
+    the features would silently mean nothing."""
+    want = net.state_dict()
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    reshaped = sorted(k for k in set(want) & set(state) if want[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        raise DataError(
+            f"{path}: not a state dict of timm {type(net).__name__} as built here "
+            f"({len(missing)} missing key(s), e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}; "
+            f"{len(reshaped)} of another shape, e.g. "
+            f"{[f'{k} {tuple(state[k].shape)} != {tuple(want[k].shape)}' for k in reshaped[:2]]}). Save the model's "
+            f"own state_dict() without key prefixes, at features.input_size (pos_embed depends on it)")
+    net.load_state_dict(state, strict=True)
 
 
 class DummyExtractor:

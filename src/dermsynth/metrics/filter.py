@@ -66,11 +66,39 @@ class FilterConfig:
     seed: int = 0
 
 
-def class_probs(run_dir: str | Path | None, images: np.ndarray, labels: pd.Series) -> np.ndarray | None:
-    """P(intended class) per image from a real-only classifier run, or None (warned) when there is none to use."""
+def class_probs(run_dir: str | Path | None, images: np.ndarray, labels: pd.Series,
+                split_fingerprint: str) -> np.ndarray | None:
+    """P(intended class) per image from a real-only classifier run, or None (warned) when there is none to use.
+
+    The run must be finished, trained on the split being filtered (``split_fingerprint``) and on real images only,
+    else DataError: a classifier trained on another split may have seen this split's val/test lesions, which would
+    then leak into the choice of synthetic images; one trained on synthetic images would judge them by its own kind."""
     if not run_dir:
         log.warning("filter: no classifier run given: the class-confidence check (b) is skipped")
         return None
+    import json
+
+    from dermsynth.io import DataError
+    from dermsynth.paths import RunPaths
+
+    metrics = RunPaths(run_dir).metrics
+    if not metrics.is_file():
+        raise DataError(f"filter: classifier run {run_dir} is not finished (no {metrics.name}); check (b) needs a "
+                        f"finished real-only classifier run on this split (dermsynth train-clf)")
+    m = json.loads(metrics.read_text())
+    if m.get("split_fingerprint") != split_fingerprint:
+        raise DataError(f"filter: classifier run {run_dir} was trained on split {m.get('split')} (fingerprint "
+                        f"{str(m.get('split_fingerprint'))[:12]}...), not on the split being filtered (fingerprint "
+                        f"{split_fingerprint[:12]}...): it may have seen this split's val/test lesions; train a "
+                        f"real-only classifier on this split")
+    if "train_counts" not in m:
+        raise DataError(f"filter: classifier run {run_dir}: its {metrics.name} has no train_counts, so it cannot be "
+                        f"shown to be real-only; check (b) needs a classifier trained on real images only")
+    n_syn = sum(int(v.get("synthetic", 0)) for v in m["train_counts"].values())
+    if n_syn:
+        raise DataError(f"filter: classifier run {run_dir} is not real-only: it trained on {n_syn} synthetic "
+                        f"image(s) (train_counts in {metrics.name}); check (b) needs a classifier trained on real "
+                        f"images only (no data.synthetic)")
     try:
         from dermsynth.classify.predict import predict_images
     except ImportError as e:
@@ -180,7 +208,7 @@ def run_filter(samples: str | Path, split: str | Path, cfg: FilterConfig | None 
             val = val[val["label"].isin(classes)]
         # one pass of the reference classifier over the synthetic and the val images (one model load)
         images = np.concatenate([syn_img, load_images(val, size)]) if len(val) else syn_img
-        probs = class_probs(run, images, pd.concat([syn["label"], val["label"]]))
+        probs = class_probs(run, images, pd.concat([syn["label"], val["label"]]), sp.fingerprint)
         thresholds: dict[str, dict] | None = None
         if probs is not None:
             probs, val_p = probs[:len(syn)], probs[len(syn):]
