@@ -242,6 +242,36 @@ def test_a_config_change_invalidates_exactly_its_downstream_units(finished, tmp_
     assert json.loads((study / "quality" / "samples" / "quality.json").read_text())["repeats"] == 3
 
 
+def test_folders_of_units_a_changed_config_no_longer_plans_are_not_reported(finished, tmp_path, monkeypatch):
+    """Folders of units the config stops planning stay on disk; criteria.csv and the report must not present another
+    configuration's samples, filter or quality as this study's (the same goes for a copied study folder)."""
+    study = tmp_path / "copy"
+    shutil.copytree(finished, study)
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished unit was run again")
+
+    for name in ("train_classifier", "train_generator", "generate", "run_filter", "run_quality"):
+        monkeypatch.setattr(study_mod, name, refuse)
+    paths = StudyPaths(study)
+    # quality_on without the raw samples: their quality.json stays, but is no FID of this configuration
+    run_study(tiny("quality_on=[filtered]"), study)
+    fid = pd.read_csv(paths.aggregate / "criteria.csv").set_index("metric").loc["fid"]
+    assert fid["status"] == "not measurable here" and fid["note"].startswith("no quality.json")
+    page = paths.report_html.read_text()
+    assert "Quality of the images the filter kept" in page and "Quality of all generated images" not in page
+    assert f"{paths.quality / 'samples'} is left over from another configuration" in page
+
+    # real-only conditions: no generator, samples, filter or quality in this study any more
+    run_study(tiny("conditions=[{name: real}]", "sweep.ratios=[]", "primary=real", "primary_from=[]"), study)
+    info = json.loads((paths.aggregate / "aggregate.json").read_text())
+    assert set(info["units"]) == {"data", "split", "classifier/real/seed0", "classifier/real/seed1"}
+    page = paths.report_html.read_text()
+    assert "alt='grid_df'" not in page and "Quality of the images the filter kept" not in page
+    for folder in (paths.samples, paths.filtered, paths.quality / "filtered"):
+        assert f"{folder} is left over from another configuration" in page
+
+
 def test_config_validation_names_the_problem():
     with pytest.raises(ConfigError, match="baselines.*synthetic"):
         validate(tiny("baselines=[hybrid]"))

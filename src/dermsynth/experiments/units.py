@@ -118,7 +118,7 @@ class UnitRunner:
     # ---- state ---------------------------------------------------------------------------------------------------
 
     def state_path(self, unit: Unit) -> Path:
-        return self.paths.root / "units" / (unit.name.replace("/", "__") + ".json")
+        return self.paths.unit_state(unit.name)
 
     def state(self, unit: Unit) -> dict:
         p = self.state_path(unit)
