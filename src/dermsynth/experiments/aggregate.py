@@ -28,7 +28,7 @@ import pandas as pd
 from dermsynth.data.labels import CLASSES
 from dermsynth.experiments.ensemble import seed_ensembles
 from dermsynth.experiments.stats import (BOOT_METRICS, detectable_over_lesions, detectable_over_seeds,
-                                        lesion_bootstrap_diff, mean_ci, paired_t)
+                                        lesion_bootstrap_diff, mean_ci, paired_t, read_predictions)
 from dermsynth.io import DataError, atomic_write_csv, atomic_write_json
 from dermsynth.paths import RunPaths, StudyPaths
 
@@ -131,7 +131,17 @@ def pick_on_validation(table: pd.DataFrame, candidates: Sequence[str], role: str
 
 def _read_predictions(run: Path) -> pd.DataFrame | None:
     path = RunPaths(run).predictions
-    return pd.read_csv(path, dtype={"image_id": str, "group_id": str}) if path.is_file() else None
+    return read_predictions(path) if path.is_file() else None
+
+
+def _check_same_images(tables: Sequence[pd.DataFrame], files: Sequence[Path]) -> None:
+    """The paired bootstrap resamples one test part for every run: a run scored on other images names its file."""
+    ids = set(tables[0]["image_id"])
+    for t, f in zip(tables[1:], files[1:]):
+        if len(t) != len(tables[0]) or set(t["image_id"]) != ids:
+            raise DataError(f"{f}: not the same test images as {files[0]} ({len(t)} rows against {len(tables[0])}); "
+                            f"the paired bootstrap needs every run scored on one test part (rerun runs made on another "
+                            f"split)")
 
 
 def compare(long: pd.DataFrame, runs: Mapping[str, Mapping[int, Path]], reference: str, rare: Sequence[str],
@@ -147,6 +157,8 @@ def compare(long: pd.DataFrame, runs: Mapping[str, Mapping[int, Path]], referenc
         preds_a = [_read_predictions(Path(runs[cond][s])) for s in seeds]
         preds_b = [_read_predictions(Path(runs[reference][s])) for s in seeds]
         if seeds and all(p is not None for p in preds_a + preds_b):
+            _check_same_images(preds_a + preds_b, [RunPaths(Path(runs[c][s])).predictions for c in (cond, reference)
+                                                   for s in seeds])
             boot = lesion_bootstrap_diff(preds_a, preds_b, rare=rare, n_boot=n_boot, seed=seed, level=level)
         for metric in HEADLINE:
             a = test[(test["condition"] == cond) & (test["metric"] == metric)].set_index("seed")["value"]
