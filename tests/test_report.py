@@ -175,3 +175,20 @@ def test_report_leaves_out_folders_of_units_the_study_no_longer_plans(tmp_path):
     page = build_report(tmp_path).read_text()
     assert "alt='grid_df'" in page and "the filter kept and rejected" not in page
     assert f"{paths.filtered} is left over from another configuration" in page
+
+
+def test_per_class_figure_leaves_out_only_the_sweep_copies():
+    """The swept condition itself (hybrid) stays in the per-class F1 figure when the primary chosen on validation is
+    one of its sweep copies; the other copies are left out, and so is nothing else."""
+    from dermsynth.experiments.report import _bar_conditions
+
+    info = {"conditions": ["real", "focal", "hybrid", "hybrid_unfiltered", "hybrid_r2", "hybrid_r5"],
+            "ratios": {"focal": 0.0, "hybrid": 1.0, "hybrid_r2": 2.0, "hybrid_r5": 5.0},
+            "primary": "hybrid_r2", "best_baseline": "real", "baselines": ["real", "focal"],
+            "sweep_copies": ["hybrid_r2", "hybrid_r5"]}
+    assert _bar_conditions(info) == ["real", "focal", "hybrid", "hybrid_unfiltered", "hybrid_r2"]
+    # a condition the config names itself is no copy, whatever its name
+    assert _bar_conditions({**info, "sweep_copies": ["hybrid_r2"]})[-1] == "hybrid_r5"
+    # an aggregate.json without the list: the copies are known by the names the sweep gives them
+    assert _bar_conditions({k: v for k, v in info.items() if k != "sweep_copies"}) == _bar_conditions(info)
+

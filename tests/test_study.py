@@ -92,6 +92,7 @@ def test_every_stage_ran_and_the_report_was_built(finished):
     assert (test_f1["n"] == 2).all()
     info = json.loads((paths.aggregate / "aggregate.json").read_text())
     assert info["best_baseline"] == "real" and info["ratios"] == {"real": 0.0, "hybrid": 1.0, "hybrid_r2": 2.0}
+    assert info["sweep_copies"] == ["hybrid_r2"]  # the per-class figure leaves out only these (and keeps the primary)
     # the primary is the primary_from candidate with the best mean VALIDATION macro-F1, read back from table.csv
     val_f1 = table[(table["part"] == "val") & (table["metric"] == "macro_f1")].set_index("condition")["mean"]
     assert info["primary_val_macro_f1"] == pytest.approx({c: val_f1[c] for c in ("hybrid", "hybrid_r2")})

@@ -268,7 +268,8 @@ def aggregate(study: str | Path, runs: Mapping[str, Mapping[int, Path]], baselin
               rare: Sequence[str] = ("df", "vasc", "mel"), ratios: Mapping[str, float] | None = None,
               quality: Mapping[str, Any] | None = None, n_boot: int = 1000, seed: int = 0,
               synthetic: Mapping[str, str] | None = None, primary_from: Sequence[str] = (),
-              twins: Mapping[str, str] | None = None, units: Mapping[str, str] | None = None) -> Path:
+              twins: Mapping[str, str] | None = None, units: Mapping[str, str] | None = None,
+              sweep_copies: Sequence[str] = ()) -> Path:
     """Write the aggregate tables of a study (see module docstring); returns ``<study>/aggregate``.
 
     ``runs``: condition -> seed -> classifier run folder; ``baselines``: the real-only conditions the best baseline is
@@ -277,8 +278,9 @@ def aggregate(study: str | Path, runs: Mapping[str, Mapping[int, Path]], baselin
     macro-F1 (e.g. synthetic images added to each cheap baseline's recipe); ``ratios``: the
     sweep's condition -> synthetic:real ratio; ``quality``: the raw samples' quality.json (for the FID criterion);
     ``synthetic``: condition -> the synthetic set it used, ``twins``: filtered condition -> the same recipe on
-    unfiltered images, and ``units``: every planned unit -> its hash, all recorded for the report (which shows a
-    stage's folder only when its unit is among ``units``).
+    unfiltered images, ``units``: every planned unit -> its hash, and ``sweep_copies``: the conditions the ratio sweep
+    added to the config's own, all recorded for the report (which shows a stage's folder only when its unit is among
+    ``units``).
     """
     out = StudyPaths(study).aggregate
     metrics = read_runs(runs)
@@ -318,6 +320,7 @@ def aggregate(study: str | Path, runs: Mapping[str, Mapping[int, Path]], baselin
         # the study's planned units and their hashes: a folder of a unit not listed here (or since redone with another
         # hash) is left over from another configuration. None: not recorded (aggregate called outside a study)
         "units": dict(units) if units is not None else None,
+        "sweep_copies": list(sweep_copies),  # conditions expand_conditions added for the ratio sweep
         "n_boot": n_boot,
         "ensemble_comparison": ensemble_comparison,  # primary's seed ensemble minus the best baseline's
         "confusion_norm": mean_confusions(metrics),

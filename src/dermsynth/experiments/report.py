@@ -24,6 +24,7 @@ import pandas as pd
 
 from dermsynth.data.labels import CLASS_NAMES, CLASSES
 from dermsynth.experiments.aggregate import load_aggregate
+from dermsynth.experiments.config import ratio_name
 from dermsynth.experiments.stats import paired_t
 from dermsynth.io import DataError, atomic_write_bytes, atomic_write_text, load_image
 from dermsynth.metrics.quality import group_label
@@ -572,10 +573,21 @@ def _criteria(doc: Doc, agg: dict) -> None:
     doc.table(pd.DataFrame(rows))
 
 
+def _bar_conditions(info: dict) -> list[str]:
+    """The conditions of the per-class F1 figure: all but the copies the ratio sweep added (the swept condition itself
+    stays), unless a copy is the primary or the best baseline. An aggregate.json that does not list the copies (an
+    earlier release's) has them recognised by the name the sweep gives them."""
+    ratios = info.get("ratios", {})
+    copies = info.get("sweep_copies")
+    if copies is None:
+        copies = [c for c in ratios if any(c == ratio_name(b, ratios[c]) for b in info["conditions"])]
+    keep = (info["primary"], info["best_baseline"])
+    return [c for c in info["conditions"] if c not in copies or c in keep]
+
+
 def _per_class_bars(doc: Doc, agg: dict) -> None:
     info, table = agg["info"], agg["table"]
-    sweep = {c for c in info.get("ratios", {}) if c not in (info["primary"], info["best_baseline"])}
-    conds = [c for c in info["conditions"] if c not in sweep or c in info["baselines"]]
+    conds = _bar_conditions(info)
     t = table[table["part"] == "test"].set_index(["condition", "metric"])
     plt = _plt()
     fig, ax = plt.subplots(figsize=(11, 3.8))

@@ -257,10 +257,12 @@ def run_study(cfg: StudyConfig, out: str | Path) -> Path:
         q_path = paths.quality / "samples" / "quality.json"
         quality = json.loads(q_path.read_text()) if "quality/samples" in current and q_path.is_file() else None
         conds = expand_conditions(cfg)[0]  # plan() validated the config already
+        own = {c.name for c in cfg.conditions}
         result = aggregate(paths.root, runs, cfg.baselines, cfg.primary, rare=parse_classes(cfg.rare_classes),
                            ratios=ratios, quality=quality, n_boot=cfg.n_boot, seed=0,
                            synthetic={c.name: c.synthetic for c in conds}, primary_from=cfg.primary_from,
-                           twins=filter_twins(conds), units=current)
+                           twins=filter_twins(conds), units=current,
+                           sweep_copies=[c.name for c in conds if c.name not in own])
         runner.write_timings({"aggregate": time.perf_counter() - t0})
         if cfg.report:
             from dermsynth.experiments.report import build_report
