@@ -629,7 +629,7 @@ def _sweep(doc: Doc, agg: dict) -> None:
             for c in order}
     ax.set_xticks(pos, [f"{ratios[c]:g}\n{c}\n{used[c]} syn." for c in order], fontsize=7)
     ax.set_xlabel("synthetic : real ratio asked for the rare classes (0 = no synthetic images); "
-                  "below: synthetic images used (seed 0)", fontsize=8)
+                  "below: synthetic images used (first seed)", fontsize=8)
     ax.set_ylabel("test score")
     ax.legend(fontsize=8)
     doc.fig(_png(fig), "ratio_sweep", "test scores against the synthetic:real ratio (mean over seeds, 95 % t-interval)")

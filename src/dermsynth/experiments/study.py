@@ -5,7 +5,8 @@
 
 Each unit writes into the study folder (:class:`dermsynth.paths.StudyPaths`) and is skipped on rerun when it finished
 with the same config; see :mod:`dermsynth.experiments.units` for the rules. Aggregate and report are cheap and are
-rebuilt on every run from whatever classifier runs are finished.
+rebuilt at the end of every run, once every planned unit is done: a failed unit stops the run before them (finished
+units are kept; rerun to resume), so they always cover every planned classifier run.
 """
 from __future__ import annotations
 

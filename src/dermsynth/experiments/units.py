@@ -17,7 +17,7 @@ Wall time per unit accumulates over resumes; ``timings.json`` sums it per stage.
 Units that carry a ``job`` (a picklable function and its arguments; the study gives every classifier unit one) may
 run ``workers`` at a time in separate processes: one small classifier leaves a large GPU mostly idle, so several side
 by side finish a grid of seeds and conditions in a fraction of the time (on an H200, six EfficientNet-Lite0 runs at
-128 px each trained at 1,500-1,750 img/s, against 1,800-2,200 img/s for one run beside the generator).
+128 px side by side each trained at 1,500-1,750 img/s after their first epoch, and took 182 s together; BENCHMARKS.md).
 ``timings.json`` then also records each such stage's elapsed time (``elapsed_s``: the waves' wall-clock time plus the
 time of its units that ran on their own), which ``total_s`` counts instead of the sum of its units' overlapping times.
 """
