@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,17 @@ def test_bootstrap_of_identical_conditions_is_zero_and_pairs_by_image_id():
         lesion_bootstrap_diff([a], [a.iloc[:-1]], n_boot=10)
 
 
+def test_bootstrap_of_a_metric_undefined_on_every_replicate_has_no_interval():
+    """Without a rare class in the test part minority AUC is NaN on every replicate: NaN bounds, not an IndexError."""
+    rng = np.random.default_rng(4)
+    a, b = _predictions(rng, 40, 0.7), _predictions(rng, 40, 0.5)
+    common = ~a["label"].isin(["df", "vasc", "mel"]).to_numpy()
+    r = lesion_bootstrap_diff([a[common]], [b[common]], n_boot=50)
+    assert r["minority_auc"]["n_boot"] == 0 and math.isnan(r["minority_auc"]["lo"]) and math.isnan(
+        r["minority_auc"]["hi"]) and math.isnan(r["minority_auc"]["p"])
+    assert r["accuracy"]["n_boot"] == 50 and r["accuracy"]["lo"] <= r["accuracy"]["hi"]
+
+
 def test_bootstrap_observed_difference_equals_sklearn_difference_averaged_over_seeds():
     rng = np.random.default_rng(5)
     pa = [_predictions(rng, 50, 0.7) for _ in range(3)]
@@ -251,6 +263,23 @@ def test_aggregate_without_predictions_still_gives_seed_statistics(tmp_path):
     c = load_aggregate(tmp_path)["comparisons"]
     row = c[(c["condition"] == "hybrid") & (c["metric"] == "minority_f1")].iloc[0]
     assert row["diff"] == pytest.approx((0.10 + 0.13 + 0.13) / 3) and math.isnan(row["boot_diff"])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.assign(label=p["label"].where(p.index != 3, "melanoma")), "line 5: unknown label 'melanoma'"),
+    (lambda p: p.drop(columns=["group_id"]), r"missing column\(s\) \['group_id'\]"),
+    (lambda p: p.drop(columns=["prob_nv"]), r"missing column\(s\) \['prob_nv'\]"),
+    (lambda p: p.iloc[:-1], "not the same test images as"),
+], ids=["unknown label", "no group_id", "no prob column", "other images"])
+def test_a_bad_predictions_file_is_named(tmp_path, damage, message):
+    """A predictions.csv the bootstrap cannot use stops the aggregate with a DataError that names the file."""
+    from dermsynth.io import DataError
+
+    runs = make_fake_study(tmp_path)
+    bad = runs["hybrid"][1] / "predictions.csv"
+    damage(pd.read_csv(bad)).to_csv(bad, index=False)
+    with pytest.raises(DataError, match=rf"{re.escape(str(bad))}: .*{message}"):
+        aggregate(tmp_path, runs, baselines=["real_only", "focal"], primary="hybrid", n_boot=10)
 
 
 def test_criteria_with_inception_fid_and_missing_condition():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from dermsynth.classify.decision import class_prior, fit_prior_shift
 from dermsynth.config import save_config
 from dermsynth.data.labels import CLASSES
 from dermsynth.experiments.ensemble import seed_ensemble, seed_ensembles
+from dermsynth.io import DataError
 
 K = len(CLASSES)
 
@@ -87,7 +89,20 @@ def test_ensembles_need_two_seeds_and_one_test_part(tmp_path):
     runs = _runs(tmp_path / "two", 2, skill=1.0)
     t = pd.read_csv(runs[1] / "predictions.csv")
     t.iloc[1:].to_csv(runs[1] / "predictions.csv", index=False)
-    with pytest.raises(ValueError, match="not the same images"):
+    with pytest.raises(DataError, match="not the same images"):
+        seed_ensemble(runs, rare=["df"])
+
+
+def test_ensemble_names_a_run_file_it_cannot_use(tmp_path):
+    """A missing probability column or a metrics.json without train_counts: a DataError naming the file."""
+    runs = _runs(tmp_path, 2, skill=1.0)
+    val = pd.read_csv(runs[1] / "val_predictions.csv")
+    val.drop(columns=["prob_vasc"]).to_csv(runs[1] / "val_predictions.csv", index=False)
+    with pytest.raises(DataError, match=rf"{re.escape(str(runs[1] / 'val_predictions.csv'))}: missing column\(s\) \['prob_vasc'\]"):
+        seed_ensemble(runs, rare=["df"])
+    val.to_csv(runs[1] / "val_predictions.csv", index=False)
+    (runs[0] / "metrics.json").write_text(json.dumps({"test": {}}))
+    with pytest.raises(DataError, match=rf"{re.escape(str(runs[0] / 'metrics.json'))}: train_counts has no real-image count"):
         seed_ensemble(runs, rare=["df"])
 
 

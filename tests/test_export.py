@@ -104,3 +104,40 @@ def test_export_refuses_real_images_and_foreign_folders_and_replaces_an_earlier_
     df.to_csv(samples / "manifest.csv", index=False)
     with pytest.raises(DataError, match="not synthetic"):
         export_imagefolder(samples, tmp_path / "hf2")
+
+
+def test_an_interrupted_export_leaves_the_folder_as_it_was_and_a_rerun_finishes_it(tmp_path, monkeypatch):
+    import dermsynth.experiments.export as export_mod
+
+    split = _real_split(tmp_path, source="toy")
+    samples = _samples(tmp_path, split)
+    real_write, written = export_mod.atomic_write_bytes, []
+
+    def die_after_two(path, data):
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed mid-export")
+        written.append(path)
+        return real_write(path, data)
+
+    monkeypatch.setattr(export_mod, "atomic_write_bytes", die_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        export_imagefolder(samples, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()  # no half export that looks like a dataset, nor one that blocks a rerun
+    monkeypatch.undo()
+    out = export_imagefolder(samples, tmp_path / "hf")
+    assert len((out / "train" / "metadata.jsonl").read_text().splitlines()) == 8
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hf")) == []
+
+    # an interrupted re-export keeps the earlier export whole
+    df = pd.read_csv(samples / "manifest.csv").iloc[:3]
+    df.to_csv(samples / "manifest.csv", index=False)
+    written.clear()
+    monkeypatch.setattr(export_mod, "atomic_write_bytes", die_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        export_imagefolder(samples, out)
+    assert len((out / "train" / "metadata.jsonl").read_text().splitlines()) == 8 and "license:" in (
+        out / "README.md").read_text()
+    monkeypatch.undo()
+    export_imagefolder(samples, out)
+    assert sorted(p.name for p in (out / "train").iterdir()) == [
+        "metadata.jsonl", "syn_df_0.png", "syn_df_1.png", "syn_df_2.png"]

@@ -146,3 +146,49 @@ def test_verdict_with_one_seed_does_not_claim_seed_noise():
     assert _verdict(one_seed).startswith("worse on this test part (lesion bootstrap); one seed")
     three_seeds = pd.Series({"diff_lo": -0.3, "diff_hi": 0.1, "boot_lo": -0.14, "boot_hi": -0.06})
     assert _verdict(three_seeds) == "worse on this test part, but within the seed-to-seed noise"
+
+
+def test_report_leaves_out_folders_of_units_the_study_no_longer_plans(tmp_path):
+    """Folders of units that a changed config no longer plans stay on disk: their numbers must not read as this
+    study's. aggregate.json lists the planned units and their hashes; the report shows a folder only for those."""
+    runs = make_fake_study(tmp_path)
+    _study_files(tmp_path)
+    paths = StudyPaths(tmp_path)
+    (paths.generator / "generator.json").parent.mkdir(parents=True)
+    (paths.generator / "generator.json").write_text(json.dumps({"kind": "scratch_left_over"}))
+    real = {c: r for c, r in runs.items() if c != "hybrid"}
+    aggregate(tmp_path, real, baselines=["real_only", "focal"], primary="oversampling", n_boot=20,
+              units={"data": "h0", "split": "h1"})  # a real-only config: no generator, samples, filter or quality
+    page = build_report(tmp_path).read_text()
+    assert "alt='grid_df'" not in page and "closest_pairs" not in page
+    assert "50.0000 ± 2.0000" not in page and "outside real manifold" not in page and "1 / 6" not in page
+    assert "scratch_left_over" not in page
+    for folder in (paths.samples, paths.quality / "samples", paths.filtered):
+        assert f"{folder} is left over from another configuration" in page
+
+    # planned and done with the recorded hash: shown; done under another hash (redone since): still left out
+    for unit, h in (("samples", "hs"), ("filter", "other")):
+        paths.unit_state(unit).parent.mkdir(parents=True, exist_ok=True)
+        paths.unit_state(unit).write_text(json.dumps({"unit": unit, "hash": h, "status": "done"}))
+    aggregate(tmp_path, runs, baselines=["real_only", "focal"], primary="hybrid", n_boot=20,
+              units={"samples": "hs", "filter": "hf"})
+    page = build_report(tmp_path).read_text()
+    assert "alt='grid_df'" in page and "the filter kept and rejected" not in page
+    assert f"{paths.filtered} is left over from another configuration" in page
+
+
+def test_per_class_figure_leaves_out_only_the_sweep_copies():
+    """The swept condition itself (hybrid) stays in the per-class F1 figure when the primary chosen on validation is
+    one of its sweep copies; the other copies are left out, and so is nothing else."""
+    from dermsynth.experiments.report import _bar_conditions
+
+    info = {"conditions": ["real", "focal", "hybrid", "hybrid_unfiltered", "hybrid_r2", "hybrid_r5"],
+            "ratios": {"focal": 0.0, "hybrid": 1.0, "hybrid_r2": 2.0, "hybrid_r5": 5.0},
+            "primary": "hybrid_r2", "best_baseline": "real", "baselines": ["real", "focal"],
+            "sweep_copies": ["hybrid_r2", "hybrid_r5"]}
+    assert _bar_conditions(info) == ["real", "focal", "hybrid", "hybrid_unfiltered", "hybrid_r2"]
+    # a condition the config names itself is no copy, whatever its name
+    assert _bar_conditions({**info, "sweep_copies": ["hybrid_r2"]})[-1] == "hybrid_r5"
+    # an aggregate.json without the list: the copies are known by the names the sweep gives them
+    assert _bar_conditions({k: v for k, v in info.items() if k != "sweep_copies"}) == _bar_conditions(info)
+

@@ -92,6 +92,7 @@ def test_every_stage_ran_and_the_report_was_built(finished):
     assert (test_f1["n"] == 2).all()
     info = json.loads((paths.aggregate / "aggregate.json").read_text())
     assert info["best_baseline"] == "real" and info["ratios"] == {"real": 0.0, "hybrid": 1.0, "hybrid_r2": 2.0}
+    assert info["sweep_copies"] == ["hybrid_r2"]  # the per-class figure leaves out only these (and keeps the primary)
     # the primary is the primary_from candidate with the best mean VALIDATION macro-F1, read back from table.csv
     val_f1 = table[(table["part"] == "val") & (table["metric"] == "macro_f1")].set_index("condition")["mean"]
     assert info["primary_val_macro_f1"] == pytest.approx({c: val_f1[c] for c in ("hybrid", "hybrid_r2")})
@@ -240,6 +241,36 @@ def test_a_config_change_invalidates_exactly_its_downstream_units(finished, tmp_
     assert sorted(called) == ["filtered", "samples"]
     assert not (study / "quality" / "samples" / "stale_marker").exists()  # the stale folder was cleared first
     assert json.loads((study / "quality" / "samples" / "quality.json").read_text())["repeats"] == 3
+
+
+def test_folders_of_units_a_changed_config_no_longer_plans_are_not_reported(finished, tmp_path, monkeypatch):
+    """Folders of units the config stops planning stay on disk; criteria.csv and the report must not present another
+    configuration's samples, filter or quality as this study's (the same goes for a copied study folder)."""
+    study = tmp_path / "copy"
+    shutil.copytree(finished, study)
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished unit was run again")
+
+    for name in ("train_classifier", "train_generator", "generate", "run_filter", "run_quality"):
+        monkeypatch.setattr(study_mod, name, refuse)
+    paths = StudyPaths(study)
+    # quality_on without the raw samples: their quality.json stays, but is no FID of this configuration
+    run_study(tiny("quality_on=[filtered]"), study)
+    fid = pd.read_csv(paths.aggregate / "criteria.csv").set_index("metric").loc["fid"]
+    assert fid["status"] == "not measurable here" and fid["note"].startswith("no quality.json")
+    page = paths.report_html.read_text()
+    assert "Quality of the images the filter kept" in page and "Quality of all generated images" not in page
+    assert f"{paths.quality / 'samples'} is left over from another configuration" in page
+
+    # real-only conditions: no generator, samples, filter or quality in this study any more
+    run_study(tiny("conditions=[{name: real}]", "sweep.ratios=[]", "primary=real", "primary_from=[]"), study)
+    info = json.loads((paths.aggregate / "aggregate.json").read_text())
+    assert set(info["units"]) == {"data", "split", "classifier/real/seed0", "classifier/real/seed1"}
+    page = paths.report_html.read_text()
+    assert "alt='grid_df'" not in page and "Quality of the images the filter kept" not in page
+    for folder in (paths.samples, paths.filtered, paths.quality / "filtered"):
+        assert f"{folder} is left over from another configuration" in page
 
 
 def test_config_validation_names_the_problem():

@@ -50,6 +50,29 @@ def test_one_failing_pooled_unit_keeps_the_others_and_names_itself(tmp_path):
     assert json.loads((tmp_path / "units" / "clf__b.json").read_text())["status"] == "running"  # resumed on rerun
 
 
+def test_a_stage_that_mixes_waves_and_units_run_alone_counts_both_in_its_elapsed_time(tmp_path):
+    """elapsed_s replaces a pooled stage's summed wall time, so it must also hold the time of the stage's units that
+    ran one at a time (before or after a wave): else timings.json undercounts the stage."""
+    def job(name: str, upstream: tuple[str, ...] = ()) -> Unit:
+        args = (str(tmp_path / "runs" / name),)
+        return Unit(f"clf/{name}", "classifiers", tmp_path / "runs" / name, {"n": name},
+                    lambda resume, a=args: write_pid(*a, resume=resume), upstream=list(upstream),
+                    done_file="pid.txt", job=(write_pid, args))
+
+    UnitRunner(tmp_path, [job("d")]).run_all(workers=1)  # on its own, before any wave of the stage
+    UnitRunner(tmp_path, [job("d"), job("a"), job("b")]).run_all(workers=2)  # a and b: one wave
+    t = json.loads((tmp_path / "timings.json").read_text())
+    wave = t["elapsed"]["classifiers"]
+    assert t["stages"]["classifiers"]["elapsed_s"] == pytest.approx(wave + t["units"]["clf/d"])
+    # c needs a, so it runs on its own after the wave
+    UnitRunner(tmp_path, [job("d"), job("a"), job("b"), job("c", ("clf/a",))]).run_all(workers=2)
+    t = json.loads((tmp_path / "timings.json").read_text())
+    st = t["stages"]["classifiers"]
+    assert t["elapsed"]["classifiers"] == wave and st["units"] == 4
+    assert st["elapsed_s"] == pytest.approx(wave + t["units"]["clf/d"] + t["units"]["clf/c"])
+    assert t["total_s"] == pytest.approx(st["elapsed_s"])
+
+
 def test_study_units_carry_picklable_jobs(tmp_path):
     from dermsynth.config import load_config
     from dermsynth.experiments.config import StudyConfig

@@ -171,6 +171,10 @@ class StudyPaths:
     def timings(self) -> Path:
         return self.root / "timings.json"
 
+    def unit_state(self, name: str) -> Path:
+        """The state record of the study unit ``name`` (e.g. "quality/samples": what made it, and whether it is done)."""
+        return self.root / "units" / (name.replace("/", "__") + ".json")
+
 
 def split_path(out: Path) -> Path:
     """``dermsynth data split --out DIR`` writes ``DIR/split.json``."""

@@ -28,7 +28,7 @@ import pandas as pd
 from dermsynth.data.labels import CLASSES
 from dermsynth.experiments.ensemble import seed_ensembles
 from dermsynth.experiments.stats import (BOOT_METRICS, detectable_over_lesions, detectable_over_seeds,
-                                        lesion_bootstrap_diff, mean_ci, paired_t)
+                                        lesion_bootstrap_diff, mean_ci, paired_t, read_predictions)
 from dermsynth.io import DataError, atomic_write_csv, atomic_write_json
 from dermsynth.paths import RunPaths, StudyPaths
 
@@ -131,7 +131,17 @@ def pick_on_validation(table: pd.DataFrame, candidates: Sequence[str], role: str
 
 def _read_predictions(run: Path) -> pd.DataFrame | None:
     path = RunPaths(run).predictions
-    return pd.read_csv(path, dtype={"image_id": str, "group_id": str}) if path.is_file() else None
+    return read_predictions(path) if path.is_file() else None
+
+
+def _check_same_images(tables: Sequence[pd.DataFrame], files: Sequence[Path]) -> None:
+    """The paired bootstrap resamples one test part for every run: a run scored on other images names its file."""
+    ids = set(tables[0]["image_id"])
+    for t, f in zip(tables[1:], files[1:]):
+        if len(t) != len(tables[0]) or set(t["image_id"]) != ids:
+            raise DataError(f"{f}: not the same test images as {files[0]} ({len(t)} rows against {len(tables[0])}); "
+                            f"the paired bootstrap needs every run scored on one test part (rerun runs made on another "
+                            f"split)")
 
 
 def compare(long: pd.DataFrame, runs: Mapping[str, Mapping[int, Path]], reference: str, rare: Sequence[str],
@@ -147,6 +157,8 @@ def compare(long: pd.DataFrame, runs: Mapping[str, Mapping[int, Path]], referenc
         preds_a = [_read_predictions(Path(runs[cond][s])) for s in seeds]
         preds_b = [_read_predictions(Path(runs[reference][s])) for s in seeds]
         if seeds and all(p is not None for p in preds_a + preds_b):
+            _check_same_images(preds_a + preds_b, [RunPaths(Path(runs[c][s])).predictions for c in (cond, reference)
+                                                   for s in seeds])
             boot = lesion_bootstrap_diff(preds_a, preds_b, rare=rare, n_boot=n_boot, seed=seed, level=level)
         for metric in HEADLINE:
             a = test[(test["condition"] == cond) & (test["metric"] == metric)].set_index("seed")["value"]
@@ -256,7 +268,8 @@ def aggregate(study: str | Path, runs: Mapping[str, Mapping[int, Path]], baselin
               rare: Sequence[str] = ("df", "vasc", "mel"), ratios: Mapping[str, float] | None = None,
               quality: Mapping[str, Any] | None = None, n_boot: int = 1000, seed: int = 0,
               synthetic: Mapping[str, str] | None = None, primary_from: Sequence[str] = (),
-              twins: Mapping[str, str] | None = None) -> Path:
+              twins: Mapping[str, str] | None = None, units: Mapping[str, str] | None = None,
+              sweep_copies: Sequence[str] = ()) -> Path:
     """Write the aggregate tables of a study (see module docstring); returns ``<study>/aggregate``.
 
     ``runs``: condition -> seed -> classifier run folder; ``baselines``: the real-only conditions the best baseline is
@@ -264,8 +277,10 @@ def aggregate(study: str | Path, runs: Mapping[str, Mapping[int, Path]], baselin
     ``primary_from`` lists candidates, in which case the primary is the one of them with the best validation
     macro-F1 (e.g. synthetic images added to each cheap baseline's recipe); ``ratios``: the
     sweep's condition -> synthetic:real ratio; ``quality``: the raw samples' quality.json (for the FID criterion);
-    ``synthetic``: condition -> the synthetic set it used, and ``twins``: filtered condition -> the same recipe on
-    unfiltered images, both recorded for the report.
+    ``synthetic``: condition -> the synthetic set it used, ``twins``: filtered condition -> the same recipe on
+    unfiltered images, ``units``: every planned unit -> its hash, and ``sweep_copies``: the conditions the ratio sweep
+    added to the config's own, all recorded for the report (which shows a stage's folder only when its unit is among
+    ``units``).
     """
     out = StudyPaths(study).aggregate
     metrics = read_runs(runs)
@@ -302,6 +317,10 @@ def aggregate(study: str | Path, runs: Mapping[str, Mapping[int, Path]], baselin
         "ratios": dict(ratios or {}),
         "synthetic": dict(synthetic or {}),  # condition -> which synthetic set it trained on (none/filtered/unfiltered)
         "filter_twins": dict(twins or {}),  # filtered condition -> its unfiltered twin (what the filter buys)
+        # the study's planned units and their hashes: a folder of a unit not listed here (or since redone with another
+        # hash) is left over from another configuration. None: not recorded (aggregate called outside a study)
+        "units": dict(units) if units is not None else None,
+        "sweep_copies": list(sweep_copies),  # conditions expand_conditions added for the ratio sweep
         "n_boot": n_boot,
         "ensemble_comparison": ensemble_comparison,  # primary's seed ensemble minus the best baseline's
         "confusion_norm": mean_confusions(metrics),

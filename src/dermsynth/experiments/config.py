@@ -141,7 +141,8 @@ class StudyConfig:
 # Resolving conditions
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _ratio_name(of: str, r: float) -> str:
+def ratio_name(of: str, r: float) -> str:
+    """The name of the sweep's copy of condition ``of`` at synthetic:real ratio ``r`` (e.g. hybrid_r2)."""
     return f"{of}_r{r:g}"
 
 
@@ -170,7 +171,7 @@ def expand_conditions(cfg: StudyConfig) -> tuple[list[Condition], dict[str, floa
             if abs(r - own) < 1e-12:
                 ratios[base.name] = float(r)
                 continue
-            name = _ratio_name(base.name, r)
+            name = ratio_name(base.name, r)
             if name not in names:
                 conds.append(dataclasses.replace(base, name=name, ratio=float(r), set=dict(base.set)))
                 names.append(name)

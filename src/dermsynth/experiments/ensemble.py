@@ -20,7 +20,8 @@ from dermsynth.classify.config import ClfConfig
 from dermsynth.classify.decision import decide, fit_decision
 from dermsynth.config import load_config
 from dermsynth.data.labels import CLASSES
-from dermsynth.experiments.stats import BOOT_METRICS, lesion_bootstrap_diff
+from dermsynth.experiments.stats import BOOT_METRICS, lesion_bootstrap_diff, read_predictions
+from dermsynth.io import DataError
 from dermsynth.metrics.classification import classification_metrics
 from dermsynth.paths import RunPaths
 
@@ -30,14 +31,30 @@ SCORED = BOOT_METRICS  # the metrics the study's comparisons bootstrap
 
 def _mean_probs(files: Sequence[Path]) -> pd.DataFrame:
     """The rows of several prediction tables of the same images (any order), probabilities averaged."""
-    tables = [pd.read_csv(f, dtype={"image_id": str, "group_id": str}).set_index("image_id") for f in files]
+    tables = [read_predictions(f).set_index("image_id") for f in files]
     ref = tables[0]
     for f, t in zip(files[1:], tables[1:]):
         if set(t.index) != set(ref.index):
-            raise ValueError(f"{f}: not the same images as {files[0]}; a seed ensemble needs one test part")
+            raise DataError(f"{f}: not the same images as {files[0]}; a seed ensemble needs one test part")
     out = ref[["group_id", "label"]].copy()
     out[PROBS] = np.mean([t.loc[ref.index, PROBS].to_numpy(np.float64) for t in tables], axis=0)
     return out.reset_index()
+
+
+def _train_counts(metrics: Path) -> dict:
+    """The run's training images per class (metrics.json ``train_counts``): the decision rule's prior needs each
+    class's real ones. A missing or incomplete file raises DataError naming it."""
+    try:
+        counts = json.loads(metrics.read_text()).get("train_counts")
+    except FileNotFoundError as e:
+        raise DataError(f"{metrics}: missing; the classifier run did not finish (rerun the study to resume it)") from e
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise DataError(f"{metrics}: corrupt metrics file: {e}") from e
+    missing = [c for c in CLASSES if not isinstance(counts, dict) or "real" not in (counts.get(c) or {})]
+    if missing:
+        raise DataError(f"{metrics}: train_counts has no real-image count for {missing}; the seed ensemble's decision "
+                        f"rule needs every class's (rerun the run to rewrite its metrics.json)")
+    return counts
 
 
 def seed_ensemble(by_seed: Mapping[int, Path], rare: Sequence[str], n_boot: int = 1000,
@@ -48,7 +65,7 @@ def seed_ensemble(by_seed: Mapping[int, Path], rare: Sequence[str], n_boot: int 
         return None
     test, val = _mean_probs([p.predictions for p in runs]), _mean_probs([p.val_predictions for p in runs])
     cfg = load_config(ClfConfig, runs[0].config)
-    counts = json.loads(runs[0].metrics.read_text())["train_counts"]
+    counts = _train_counts(runs[0].metrics)
     rule = fit_decision(cfg.eval.decision, counts, val[PROBS].to_numpy(), val["label"].map(CLASSES.index).to_numpy(),
                         cfg.eval.decision_taus)
     offsets, tau = rule.offsets, rule.tau

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,11 @@ def _card(df: pd.DataFrame, gen_run: Path | None, gen: dict[str, Any], licence: 
 
 
 def export_imagefolder(samples: str | Path, out: str | Path) -> Path:
-    """Copy the images of ``samples/manifest.csv`` into a Hugging Face imagefolder at ``out``; returns ``out``."""
+    """Copy the images of ``samples/manifest.csv`` into a Hugging Face imagefolder at ``out``; returns ``out``.
+
+    The export is built in ``.<out name>.partial`` beside ``out`` and renamed to ``out`` once complete: an interrupted
+    export leaves ``out`` as it was (absent, or the earlier export), and a rerun continues in the partial folder.
+    """
     samples, out = Path(samples), Path(out)
     manifest = samples / "manifest.csv"
     df = read_manifest(manifest, check_files=True)
@@ -141,23 +146,38 @@ def export_imagefolder(samples: str | Path, out: str | Path) -> Path:
     gen_run, gen = _generator_info(df, samples)
     licence = _licence(_training_sources(gen))
 
+    part = out.parent / f".{out.name}.partial"
     rows = []
     for r in df.itertuples(index=False):
         src = Path(r.path)
         name = f"{r.image_id}{src.suffix.lower() or '.png'}"
-        atomic_write_bytes(out / "train" / name, src.read_bytes())  # bytes as they are: keep the PNG text chunks
+        atomic_write_bytes(part / "train" / name, src.read_bytes())  # bytes as they are: keep the PNG text chunks
         meta = {"file_name": name, "label": r.label}
         meta.update({k: _scalar(v) for k, v in r._asdict().items() if k not in _DROP and k not in meta})
         meta["ai_generated"] = True
         rows.append(meta)
-    atomic_write_text(out / "train" / "metadata.jsonl", "".join(json.dumps(m) + "\n" for m in rows))
-    atomic_write_text(out / "README.md", _card(df, gen_run, gen, licence, samples, out))
-    # a re-export of a smaller set must not leave images of the earlier one behind
+    atomic_write_text(part / "train" / "metadata.jsonl", "".join(json.dumps(m) + "\n" for m in rows))
+    atomic_write_text(part / "README.md", _card(df, gen_run, gen, licence, samples, out))
+    # an interrupted earlier try of another set must not leave its images behind
     keep = {m["file_name"] for m in rows} | {"metadata.jsonl"}
-    for f in (out / "train").iterdir():
+    for f in (part / "train").iterdir():
         if f.is_file() and f.name not in keep:
             f.unlink()
+    _replace_dir(part, out)
     return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Rename the finished folder ``new`` to ``out``; an earlier export (or empty folder) at ``out`` is moved aside
+    first and deleted after, so ``out`` is at every moment absent, the old export or the new one."""
+    old = out.parent / f".{out.name}.old"
+    if old.exists():
+        shutil.rmtree(old)  # left by an interrupted replacement: the export it held is being replaced now
+    if out.exists():
+        out.rename(old)
+    new.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 __all__ = ["export_imagefolder", "LICENCES", "NOTICE"]

@@ -3,7 +3,9 @@
 The page is written for someone who did not run the study: the answer first (does the primary condition beat the best
 baseline, and how sure are we), then the evidence in pipeline order (data, synthetic images, their quality and
 memorisation, the filter, classifier results, curves, confusion matrices, training curves), then provenance. Every
-section reads the study's own files; a missing piece is said to be missing, never filled in.
+section reads the study's own files, and a stage's folder only when aggregate.json lists its unit as planned and done
+with the current config (a folder left over from another configuration is said to be left over); a missing piece is
+said to be missing, never filled in.
 
 Both documents are built from one list of blocks, so they cannot disagree. Figures: matplotlib with the Agg backend.
 """
@@ -22,6 +24,7 @@ import pandas as pd
 
 from dermsynth.data.labels import CLASS_NAMES, CLASSES
 from dermsynth.experiments.aggregate import load_aggregate
+from dermsynth.experiments.config import ratio_name
 from dermsynth.experiments.stats import paired_t
 from dermsynth.io import DataError, atomic_write_bytes, atomic_write_text, load_image
 from dermsynth.metrics.quality import group_label
@@ -138,6 +141,24 @@ def _json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def _current(paths: StudyPaths, info: dict, unit: str) -> bool:
+    """Whether the folder of study unit ``unit`` holds this study's result: the study planned the unit (aggregate.json
+    records it with its hash) and its state still says done with that hash. A folder of a unit no longer planned is
+    never deleted, so without this check another configuration's samples, filter or FID would read as this study's.
+    An aggregate.json without the record (aggregate called outside a study, or written by an earlier release) takes
+    every folder as the study's."""
+    planned = info.get("units")
+    if planned is None:
+        return True
+    state = _json(paths.unit_state(unit)) or {}
+    return unit in planned and state.get("hash") == planned[unit] and state.get("status") == "done"
+
+
+def _left_over(doc: Doc, what: str, folder: Path) -> None:
+    doc.missing(f"{what}: {folder} is left over from another configuration of this study (its unit is not planned, "
+                f"or not finished, with the current config), so it is not shown")
 
 
 def _plt():
@@ -284,9 +305,12 @@ def _data(doc: Doc, paths: StudyPaths) -> dict | None:
     return split
 
 
-def _grids(doc: Doc, paths: StudyPaths, rare: list[str]) -> None:
+def _grids(doc: Doc, paths: StudyPaths, rare: list[str], info: dict) -> None:
     doc.h(2, "Real and synthetic images")
     samples = paths.samples / "manifest.csv"
+    if samples.is_file() and not _current(paths, info, "samples"):
+        _left_over(doc, "synthetic samples", paths.samples)
+        return
     if not samples.is_file():
         doc.missing("synthetic samples (this study uses no synthetic images, or generation has not run)")
         return
@@ -299,8 +323,10 @@ def _grids(doc: Doc, paths: StudyPaths, rare: list[str]) -> None:
         return
     syn = pd.read_csv(samples, dtype=str)
     syn["path"] = [str((samples.parent / p).resolve()) if not Path(p).is_absolute() else p for p in syn["path"]]
-    kept = _read_csv(paths.filtered / "manifest.csv", paths.filtered)
-    rejected = _read_csv(paths.filtered / "rejected.csv", paths.filtered)
+    kept = rejected = None
+    if _current(paths, info, "filter"):
+        kept = _read_csv(paths.filtered / "manifest.csv", paths.filtered)
+        rejected = _read_csv(paths.filtered / "rejected.csv", paths.filtered)
     rng = np.random.default_rng(0)
     n = 8
     plt = _plt()
@@ -335,11 +361,15 @@ def _read_csv(path: Path, root: Path) -> pd.DataFrame | None:
     return df
 
 
-def _quality(doc: Doc, paths: StudyPaths) -> None:
+def _quality(doc: Doc, paths: StudyPaths, info: dict) -> None:
     doc.h(2, "Synthetic image quality against the real-vs-real floor")
     found = False
     for which, label in (("samples", "all generated images"), ("filtered", "the images the filter kept")):
         q = _json(paths.quality / which / "quality.json")
+        if q is not None and not _current(paths, info, f"quality/{which}"):
+            _left_over(doc, f"quality of {label}", paths.quality / which)
+            found = True  # said why it is not shown
+            continue
         if q is None:
             continue
         found = True
@@ -395,9 +425,12 @@ def _memorisation(doc: Doc, paths: StudyPaths, which: str, q: dict) -> None:
                                                    "that training image (right)")
 
 
-def _filter(doc: Doc, paths: StudyPaths) -> None:
+def _filter(doc: Doc, paths: StudyPaths, info: dict) -> None:
     doc.h(2, "Filter")
     f = _json(paths.filtered / "filter.json")
+    if f is not None and not _current(paths, info, "filter"):
+        _left_over(doc, "filter.json", paths.filtered)
+        return
     if f is None:
         doc.missing("filter.json (the filter has not run)")
         return
@@ -540,10 +573,21 @@ def _criteria(doc: Doc, agg: dict) -> None:
     doc.table(pd.DataFrame(rows))
 
 
+def _bar_conditions(info: dict) -> list[str]:
+    """The conditions of the per-class F1 figure: all but the copies the ratio sweep added (the swept condition itself
+    stays), unless a copy is the primary or the best baseline. An aggregate.json that does not list the copies (an
+    earlier release's) has them recognised by the name the sweep gives them."""
+    ratios = info.get("ratios", {})
+    copies = info.get("sweep_copies")
+    if copies is None:
+        copies = [c for c in ratios if any(c == ratio_name(b, ratios[c]) for b in info["conditions"])]
+    keep = (info["primary"], info["best_baseline"])
+    return [c for c in info["conditions"] if c not in copies or c in keep]
+
+
 def _per_class_bars(doc: Doc, agg: dict) -> None:
     info, table = agg["info"], agg["table"]
-    sweep = {c for c in info.get("ratios", {}) if c not in (info["primary"], info["best_baseline"])}
-    conds = [c for c in info["conditions"] if c not in sweep or c in info["baselines"]]
+    conds = _bar_conditions(info)
     t = table[table["part"] == "test"].set_index(["condition", "metric"])
     plt = _plt()
     fig, ax = plt.subplots(figsize=(11, 3.8))
@@ -585,7 +629,7 @@ def _sweep(doc: Doc, agg: dict) -> None:
             for c in order}
     ax.set_xticks(pos, [f"{ratios[c]:g}\n{c}\n{used[c]} syn." for c in order], fontsize=7)
     ax.set_xlabel("synthetic : real ratio asked for the rare classes (0 = no synthetic images); "
-                  "below: synthetic images used (seed 0)", fontsize=8)
+                  "below: synthetic images used (first seed)", fontsize=8)
     ax.set_ylabel("test score")
     ax.legend(fontsize=8)
     doc.fig(_png(fig), "ratio_sweep", "test scores against the synthetic:real ratio (mean over seeds, 95 % t-interval)")
@@ -649,11 +693,11 @@ def _curves(doc: Doc, agg: dict) -> None:
     doc.fig(_png(fig), "training_curves", "per-epoch training loss and validation macro-F1, one line per seed")
 
 
-def _provenance(doc: Doc, paths: StudyPaths, split: dict | None) -> None:
+def _provenance(doc: Doc, paths: StudyPaths, split: dict | None, info: dict) -> None:
     doc.h(2, "Provenance")
     prov = _json(paths.root / "provenance.json") or {}
     timings = _json(paths.timings) or {}
-    gen = _json(paths.generator / "generator.json")
+    gen = _json(paths.generator / "generator.json") if _current(paths, info, "generator") else None
     if timings:
         rows = [{"stage": s, "units": v["units"], "wall time (s)": _f(v["wall_s"], 1),
                  "elapsed (s)": _f(v.get("elapsed_s", v["wall_s"]), 1)}
@@ -702,9 +746,9 @@ def build_report(study: str | Path) -> Path:
     _answer(doc, agg)
     _criteria(doc, agg)
     split = _data(doc, paths)
-    _grids(doc, paths, info.get("rare_classes", []))
-    _quality(doc, paths)
-    _filter(doc, paths)
+    _grids(doc, paths, info.get("rare_classes", []), info)
+    _quality(doc, paths, info)
+    _filter(doc, paths, info)
     _results(doc, agg)
     _decision(doc, agg)
     _ensembles(doc, agg)
@@ -713,7 +757,7 @@ def build_report(study: str | Path) -> Path:
     _sweep(doc, agg)
     _confusions(doc, agg)
     _curves(doc, agg)
-    _provenance(doc, paths, split)
+    _provenance(doc, paths, split, info)
     atomic_write_text(paths.report_md, doc.markdown())
     return atomic_write_text(paths.report_html, doc.html(f"dermsynth study {name}"))
 

@@ -9,6 +9,7 @@ treated as independent: HAM10000 has up to six photos of a lesion.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ from scipy import optimize, special
 from scipy import stats as sps
 
 from dermsynth.data.labels import CLASSES
+from dermsynth.io import DataError
 from dermsynth.metrics.classification import (mean_auc, scores_from_confusion, weighted_auc_per_class,
                                               weighted_confusion)
 
@@ -105,6 +107,29 @@ def detectable_over_lesions(lo: float, hi: float, level: float = 0.95, power: fl
     return (z + float(sps.norm.ppf(power))) * (hi - lo) / (2 * z)
 
 
+PRED_COLUMNS = ("image_id", "group_id", "label", *(f"prob_{c}" for c in CLASSES))
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    """A run's predictions.csv (or val_predictions.csv), checked for what the bootstrap and the seed ensembles read:
+    the columns, and labels (and decisions) that are classes. A bad file raises DataError naming it, not a KeyError
+    deep inside the statistics."""
+    try:
+        pred = pd.read_csv(path, dtype={"image_id": str, "group_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: unreadable predictions table: {e}") from e
+    missing = [c for c in PRED_COLUMNS if c not in pred.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; a classifier run writes image_id, group_id, label and "
+                        f"prob_<class> for every class (rerun the run to rewrite it)")
+    for col in ("label", "pred"):
+        bad = pred.loc[~pred[col].isin(CLASSES), col] if col in pred.columns else pd.Series(dtype=object)
+        if len(bad):
+            raise DataError(f"{path}: line {bad.index[0] + 2}: unknown {col} {bad.iloc[0]!r}; expected one of "
+                            f"{list(CLASSES)}")
+    return pred
+
+
 def _pred_table(pred: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(true class index, class probabilities, decision) of every row of a predictions.csv table.
 
@@ -175,10 +200,13 @@ def lesion_bootstrap_diff(preds_a: Sequence[pd.DataFrame], preds_b: Sequence[pd.
     alpha = (1 - level) / 2
     for m, d in diff.items():
         boot = d[1:][~np.isnan(d[1:])]
+        # a metric undefined on every replicate (e.g. minority AUC without a rare class in test) has no interval
         p = min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean())) if len(boot) else math.nan
-        out[m] = {"diff": float(d[0]), "lo": float(np.quantile(boot, alpha)), "hi": float(np.quantile(boot, 1 - alpha)),
-                  "p": float(p), "n_boot": int(len(boot)), "n_lesions": int(len(groups))}
+        lo, hi = ((float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha))) if len(boot)
+                  else (math.nan, math.nan))
+        out[m] = {"diff": float(d[0]), "lo": lo, "hi": hi, "p": float(p), "n_boot": int(len(boot)),
+                  "n_lesions": int(len(groups))}
     return out
 
 
-__all__ = ["mean_ci", "paired_t", "lesion_bootstrap_diff", "BOOT_METRICS"]
+__all__ = ["mean_ci", "paired_t", "lesion_bootstrap_diff", "read_predictions", "BOOT_METRICS"]

@@ -5,7 +5,8 @@
 
 Each unit writes into the study folder (:class:`dermsynth.paths.StudyPaths`) and is skipped on rerun when it finished
 with the same config; see :mod:`dermsynth.experiments.units` for the rules. Aggregate and report are cheap and are
-rebuilt on every run from whatever classifier runs are finished.
+rebuilt at the end of every run, once every planned unit is done: a failed unit stops the run before them (finished
+units are kept; rerun to resume), so they always cover every planned classifier run.
 """
 from __future__ import annotations
 
@@ -251,13 +252,18 @@ def run_study(cfg: StudyConfig, out: str | Path) -> Path:
         runner.run_all(workers=cfg.workers)
 
         t0 = time.perf_counter()
+        # run_all returned, so every planned unit is done; folders of units not planned (synthetic conditions or
+        # quality_on entries dropped from the config, a copied study) stay on disk but are not this study's
+        current = {u.name: u.hash for u in units if runner.is_done(u)}
         q_path = paths.quality / "samples" / "quality.json"
-        quality = json.loads(q_path.read_text()) if q_path.is_file() else None
+        quality = json.loads(q_path.read_text()) if "quality/samples" in current and q_path.is_file() else None
         conds = expand_conditions(cfg)[0]  # plan() validated the config already
+        own = {c.name for c in cfg.conditions}
         result = aggregate(paths.root, runs, cfg.baselines, cfg.primary, rare=parse_classes(cfg.rare_classes),
                            ratios=ratios, quality=quality, n_boot=cfg.n_boot, seed=0,
                            synthetic={c.name: c.synthetic for c in conds}, primary_from=cfg.primary_from,
-                           twins=filter_twins(conds))
+                           twins=filter_twins(conds), units=current,
+                           sweep_copies=[c.name for c in conds if c.name not in own])
         runner.write_timings({"aggregate": time.perf_counter() - t0})
         if cfg.report:
             from dermsynth.experiments.report import build_report

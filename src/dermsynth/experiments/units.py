@@ -17,9 +17,9 @@ Wall time per unit accumulates over resumes; ``timings.json`` sums it per stage.
 Units that carry a ``job`` (a picklable function and its arguments; the study gives every classifier unit one) may
 run ``workers`` at a time in separate processes: one small classifier leaves a large GPU mostly idle, so several side
 by side finish a grid of seeds and conditions in a fraction of the time (on an H200, six EfficientNet-Lite0 runs at
-128 px each trained at 1,500-1,750 img/s, against 1,800-2,200 img/s for one run beside the generator).
-``timings.json`` then also records each such stage's elapsed time (``elapsed_s``: the waves' wall-clock time), which
-``total_s`` counts instead of the sum of its units' overlapping times.
+128 px side by side each trained at 1,500-1,750 img/s after their first epoch, and took 182 s together; BENCHMARKS.md).
+``timings.json`` then also records each such stage's elapsed time (``elapsed_s``: the waves' wall-clock time plus the
+time of its units that ran on their own), which ``total_s`` counts instead of the sum of its units' overlapping times.
 """
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ class UnitRunner:
     # ---- state ---------------------------------------------------------------------------------------------------
 
     def state_path(self, unit: Unit) -> Path:
-        return self.paths.root / "units" / (unit.name.replace("/", "__") + ".json")
+        return self.paths.unit_state(unit.name)
 
     def state(self, unit: Unit) -> dict:
         p = self.state_path(unit)
@@ -189,10 +189,14 @@ class UnitRunner:
             u.run(resume)
         finally:
             # time spent counts even when the stage fails or is interrupted: the next run resumes it
-            wall = before + time.perf_counter() - t0
-            spent[u.stage] = spent.get(u.stage, 0.0) + time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            wall = before + took
+            spent[u.stage] = spent.get(u.stage, 0.0) + took
             if self.state(u).get("status") == "running":
                 self._write_state(u, status="running", started=started, wall_s=wall)
+            # a stage can mix waves and units run on their own (e.g. the one unit left after a wave): its elapsed
+            # time must count both, so the time of a unit run on its own is recorded too
+            self.write_timings(alone={u.stage: took})
         self._finish(u, started, wall)
         return wall
 
@@ -281,12 +285,13 @@ class UnitRunner:
             bar.close()
         return spent
 
-    def write_timings(self, extra: dict[str, float] | None = None,
-                      elapsed: dict[str, float] | None = None) -> Path:
+    def write_timings(self, extra: dict[str, float] | None = None, elapsed: dict[str, float] | None = None,
+                      alone: dict[str, float] | None = None) -> Path:
         """timings.json: wall seconds per stage (summed over its units, resumes included) and per unit.
 
-        ``elapsed`` records a stage's wall-clock time when its units ran side by side: ``total_s`` then counts the
-        elapsed time of that stage, not the sum of its units' (overlapping) times.
+        ``elapsed`` records a stage's wall-clock time when its units ran side by side, ``alone`` the time of a unit
+        run on its own: a stage that ran a wave gets ``elapsed_s`` (its waves' time plus its units run on their own),
+        which ``total_s`` counts instead of the sum of its units' (overlapping) times.
         """
         units = {u.name: float(self.state(u).get("wall_s", 0.0)) for u in self.units
                  if self.state(u).get("hash") == u.hash}
@@ -303,15 +308,17 @@ class UnitRunner:
             except json.JSONDecodeError:
                 old = {}
         other = {**old.get("other", {}), **(extra or {})}
-        par = old.get("elapsed", {})
+        par, solo = old.get("elapsed", {}), old.get("alone", {})
         for k, v in (elapsed or {}).items():
             par[k] = par.get(k, 0.0) + v
+        for k, v in (alone or {}).items():
+            solo[k] = solo.get(k, 0.0) + v
         for k, v in par.items():
             if k in stages:
-                stages[k]["elapsed_s"] = v
+                stages[k]["elapsed_s"] = v + solo.get(k, 0.0)
         total = sum(s.get("elapsed_s", s["wall_s"]) for s in stages.values()) + sum(other.values())
         return atomic_write_json(self.paths.timings, {"stages": stages, "other": other, "elapsed": par,
-                                                      "total_s": total, "units": units})
+                                                      "alone": solo, "total_s": total, "units": units})
 
 
 __all__ = ["Unit", "UnitRunner", "unit_hash"]
