@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -15,6 +16,31 @@ from dermsynth.data.labels import CLASSES, canonical_label
 from dermsynth.io import DataError, atomic_write_csv
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_id", "group_id", "label", "path", "source")
+_SPARE = "\0spare"  # the name of read_csv_checked's extra column; no header can hold it
+
+
+def read_csv_checked(path: Path, **kwargs: Any) -> pd.DataFrame:
+    """``pd.read_csv`` (``kwargs`` passed on) that accepts a trailing delimiter on data rows and refuses a row with more
+    values than the header; an empty or unreadable file is a DataError naming it.
+
+    Why: pandas reads rows with one value more than the header (``a.jpg,nv,`` as Excel writes them) as "the first
+    column is an index" and shifts every column one left, so every later check complains about the wrong column.
+    """
+    try:
+        columns = list(pd.read_csv(path, nrows=0, **kwargs).columns)
+        # one spare column takes the value after a trailing delimiter (pandas sizes rows by the header line, so it is
+        # skipped and named here); index_col=False keeps the columns in place
+        table = pd.read_csv(path, header=None, skiprows=1, names=[*columns, _SPARE], index_col=False, **kwargs)
+    except pd.errors.EmptyDataError as e:
+        raise DataError(f"{path}: the file is empty (not even a header line)") from e
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable CSV: {e}") from e
+    spare = table.pop(_SPARE)
+    extra = (spare.notna() & (spare.astype(str).str.strip() != "")).to_numpy().nonzero()[0]
+    if len(extra):
+        raise DataError(f"{path}, row {extra[0] + 2}: more values than the header has columns {columns}; quote a value "
+                        f"that contains the delimiter, or remove the extra value")
+    return table
 
 
 def validate_manifest(df: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -63,11 +89,8 @@ def read_manifest(path: str | Path, check_files: bool = False) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest not found: {path}")
-    try:
-        df = pd.read_csv(path, dtype={"image_id": str, "group_id": str, "path": str, "source": str, "label": str},
-                         keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable CSV: {e}") from e
+    df = read_csv_checked(path, dtype={"image_id": str, "group_id": str, "path": str, "source": str, "label": str},
+                          keep_default_na=False, na_values=[""])
     df = validate_manifest(df, str(path))
     root = str(path.parent.resolve())
     df["path"] = [_resolve_under(p, root, f"{path}, row {i + 2}") for i, p in enumerate(df["path"])]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from dermsynth.data.labels import CLASSES, canonical_label
-from dermsynth.data.manifest import resolve_path
+from dermsynth.data.manifest import read_csv_checked, resolve_path
 from dermsynth.io import DataError
 from dermsynth.runlog import get_logger
 
@@ -61,10 +61,7 @@ def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     sep = "\t" if path.suffix.lower() == ".tab" else ","
-    try:
-        table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable CSV: {e}") from e
+    table = read_csv_checked(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     table.columns = [str(c).strip() for c in table.columns]
     missing = [c for c in required if c not in table.columns]
     if missing:
