@@ -240,6 +240,18 @@ def test_generic_csv_with_aliases_groups_and_extra_columns(tmp_path, ham_sample)
     assert (df2["group_id"] == df2["image_id"]).all()
 
 
+def test_generic_csv_written_on_windows(tmp_path, ham_sample):
+    """Backslash-separated relative paths resolve, and the image id is the file's stem, not "imgs\\ISIC_x"."""
+    rows = one_per_class(ham_sample)
+    (tmp_path / "ds" / "imgs").mkdir(parents=True)
+    for image_id in rows["image_id"]:
+        shutil.copy(sample_image(ham_sample, image_id), tmp_path / "ds" / "imgs" / f"{image_id}.jpg")
+    pd.DataFrame({"path": "imgs\\" + rows["image_id"] + ".jpg", "label": rows["dx"]}).to_csv(
+        tmp_path / "ds" / "labels.csv", index=False)
+    df = read_manifest(prepare("csv", tmp_path / "ds", tmp_path / "out"), check_files=True)
+    assert dict(zip(df["image_id"], df["label"])) == dict(zip(rows["image_id"], rows["dx"]))
+
+
 def test_folder_tree_with_alias_names(tmp_path, ham_sample):
     rows = one_per_class(ham_sample)
     names = {"akiec": "actinic_keratosis", "bcc": "BCC", "bkl": "benign_keratosis", "df": "df", "mel": "melanoma",

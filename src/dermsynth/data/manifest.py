@@ -2,7 +2,8 @@
 
 Required columns: image_id, group_id (lesion id), label (canonical code), path, source. Any other column
 (age, sex, localization, dx_type, mask_path; for synthetic images seed, generator, checkpoint_hash, ...) is kept.
-Relative paths are relative to the folder holding manifest.csv and may not escape it.
+Relative paths are relative to the folder holding manifest.csv and may not escape it; in a relative path a backslash
+(a CSV written on Windows) separates folders like a slash.
 """
 from __future__ import annotations
 
@@ -75,10 +76,11 @@ def _resolve_under(raw: str, root_r: str, where: str) -> str:
     """``resolve_path`` on strings with ``root`` already resolved (read_manifest resolves it once, not per row)."""
     if os.path.isabs(raw):
         return raw
-    if ".." not in raw.replace("\\", "/").split("/"):
+    posix = raw.replace("\\", "/")  # a CSV written on Windows: imgs\a.jpg is imgs/a.jpg
+    if ".." not in posix.split("/"):
         # cannot leave root by its text; a plain join keeps 10k-row manifests fast (no lstat per path component)
-        return os.path.join(root_r, raw)
-    full = os.path.realpath(os.path.join(root_r, raw))
+        return os.path.join(root_r, posix)
+    full = os.path.realpath(os.path.join(root_r, posix))
     if full != root_r and not full.startswith(root_r.rstrip(os.sep) + os.sep):
         raise DataError(f"{where}: path {raw!r} escapes the manifest folder {root_r}; refusing to read it")
     return full

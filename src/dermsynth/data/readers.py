@@ -293,8 +293,9 @@ def read_isic2019(root: Path, csv: Path | None = None, ham_root: Path | None = N
 def read_csv_labels(root: Path, csv: Path | None = None) -> pd.DataFrame:
     """A CSV with ``path,label[,group][,image_id]`` (default ``root/labels.csv``); paths relative to the CSV's folder.
 
-    A relative path that leaves the CSV's folder is refused. Without a group column every image is its own group
-    (then a split cannot keep photos of one lesion together: add the column when you know the lesions).
+    A relative path that leaves the CSV's folder is refused; backslashes in a relative path (a CSV written on Windows)
+    separate folders. Without a group column every image is its own group (then a split cannot keep photos of one
+    lesion together: add the column when you know the lesions).
     """
     csv = Path(csv) if csv else root / "labels.csv"
     table = read_table(csv, ("path", "label"))
@@ -302,8 +303,9 @@ def read_csv_labels(root: Path, csv: Path | None = None) -> pd.DataFrame:
     wheres = where_rows(csv, len(table))
     base = csv.parent
     paths = [str(resolve_path(p, base, w)) for p, w in zip(table["path"], wheres)]
-    ids = table["image_id"] if "image_id" in table.columns else pd.Series([Path(p).stem for p in table["path"]])
-    ids = ids.where(ids != "", pd.Series([Path(p).stem for p in table["path"]]))
+    stems = pd.Series([Path(p.replace("\\", "/")).stem for p in table["path"]])  # imgs\a.jpg (Windows): a
+    ids = table["image_id"] if "image_id" in table.columns else stems
+    ids = ids.where(ids != "", stems)
     if "group" in table.columns:
         groups = table["group"].where(table["group"] != "", ids)
     else:
