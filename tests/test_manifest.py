@@ -106,3 +106,9 @@ def test_backslash_paths_from_windows_resolve(tmp_path):
     with pytest.raises(DataError, match=r"manifest.csv, row 3: path .*etc.*passwd' escapes the manifest folder"):
         read_manifest(m)
 
+
+def test_an_empty_label_says_so(tmp_path):
+    m = tmp_path / "manifest.csv"
+    frame(["a.jpg", "b.jpg"], ["nv", ""]).to_csv(m, index=False)
+    with pytest.raises(DataError, match=r"^empty label at .*manifest.csv, row 3"):
+        read_manifest(m)
