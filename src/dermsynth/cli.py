@@ -84,6 +84,10 @@ def cmd_filter(a: argparse.Namespace) -> Any:
 
 def cmd_visual_check(a: argparse.Namespace) -> Any:
     if a.action == "make":
+        if a.samples is None or a.split is None:  # optional for "score", so argparse cannot require them
+            from dermsynth.config import ConfigError
+
+            raise ConfigError("visual-check make needs --samples and --split")
         return _lazy("dermsynth.metrics.visual_check", "make_sheet")(a.samples, a.split, a.out, per_class=a.per_class,
                                                                      seed=a.seed)
     return _lazy("dermsynth.metrics.visual_check", "score_sheet")(a.out, a.ratings)
