@@ -97,6 +97,39 @@ def test_unknown_label(ham_copy, csv_ds, tmp_path, capsys):
             "labels.csv, row 4", "unknown label 'psoriasis'")
 
 
+def test_empty_manifest_file(tmp_path, capsys):
+    m = tmp_path / "m" / "manifest.csv"
+    m.parent.mkdir()
+    m.write_bytes(b"")  # 0 bytes: not even a header line
+    refused(["data", "split", "--manifest", m, "--out", tmp_path / "s"], tmp_path / "s", capsys,
+            str(m), "the file is empty")
+
+
+def test_trailing_delimiter_is_read_and_an_extra_value_refused(csv_ds, ham_manifest, tmp_path, capsys):
+    """Excel ends data rows with a delimiter: the columns must stay where the header puts them."""
+    def rewrite(src: Path, dst: Path, edit) -> None:
+        head, *rows = src.read_text().splitlines()
+        dst.write_text("\n".join([head, *(edit(i, r) for i, r in enumerate(rows))]) + "\n")
+
+    labels = csv_ds / "labels.csv"
+    want = sorted(pd.read_csv(labels)["label"])
+    rewrite(labels, labels, lambda i, r: r + ",")
+    assert main(prepare_argv("csv", csv_ds, tmp_path / "out")) == 0
+    capsys.readouterr()
+    assert sorted(read_manifest(tmp_path / "out" / "manifest.csv")["label"]) == want
+    m = tmp_path / "m" / "manifest.csv"
+    m.parent.mkdir()
+    rewrite(ham_manifest, m, lambda i, r: r + ",")
+    assert read_manifest(m)["image_id"].tolist() == read_manifest(ham_manifest)["image_id"].tolist()
+    # a value beyond the header's columns (an unquoted comma in a path, say) is refused, not dropped
+    rewrite(labels, labels, lambda i, r: r + "oops" if i == 2 else r)
+    refused(prepare_argv("csv", csv_ds, tmp_path / "out2"), tmp_path / "out2", capsys,
+            "labels.csv, row 4", "more values than the header")
+    rewrite(ham_manifest, m, lambda i, r: r + ",oops" if i == 2 else r)
+    refused(["data", "split", "--manifest", m, "--out", tmp_path / "s"], tmp_path / "s", capsys,
+            f"{m}, row 4", "more values than the header")
+
+
 def test_isic_row_not_one_hot(tmp_path, ham_sample, capsys):
     root = isic2018_layout(tmp_path / "isic", ham_sample, one_per_class(ham_sample))
     gt = root / "ISIC2018_Task3_Test_GroundTruth.csv"

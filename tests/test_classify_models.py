@@ -12,7 +12,8 @@ from dermsynth.classify.models import build_model
 from dermsynth.classify.predict import predict_probs
 from dermsynth.config import ConfigError
 from dermsynth.data.cache import preprocess
-from dermsynth.pretrained import load_lite0_imagenet
+from dermsynth.io import DataError
+from dermsynth.pretrained import load_lite0_imagenet, load_state_file
 
 
 def test_tiny_timm_model_has_seven_class_head():
@@ -45,6 +46,25 @@ def test_local_weight_file_loads_backbone_and_replaces_head(tmp_path):
     torch.save({"state_dict": timm.create_model("test_resnet").state_dict()}, tmp_path / "other.pt")
     with pytest.raises(ConfigError, match="does not fit"):
         build_model(ModelConfig(name="test_efficientnet", pretrained=str(tmp_path / "other.pt")))
+
+
+def test_unreadable_weight_files_are_data_errors_naming_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    ok = {"w": torch.zeros(2)}
+    cases = {"garbage.pt": b"not a pickle" * 8, "empty.pth": b"", "cut.pt": None, "bad.safetensors": b"\x00" * 64}
+    torch.save(ok, tmp_path / "whole.pt")
+    whole = (tmp_path / "whole.pt").read_bytes()
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(whole[: len(whole) // 2] if data is None else data)
+        with pytest.raises(DataError, match=rf"{name}: not a readable weight file") as e:
+            load_state_file(tmp_path / name)
+        assert "weights_only=False" not in str(e.value)  # never advise loading untrusted pickles
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    with pytest.raises(DataError, match=r"list.pt: expected a state dict"):
+        load_state_file(tmp_path / "list.pt")
+    save_file(ok, tmp_path / "UPPER.SAFETENSORS")  # read as safetensors whatever the case of its suffix
+    assert torch.equal(load_state_file(tmp_path / "UPPER.SAFETENSORS")["w"], ok["w"])
 
 
 def test_lite0_imagenet_loads_strictly_and_sees_a_cat_and_an_espresso():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import pytest
 import yaml
@@ -105,3 +105,16 @@ def test_cli_overrides(ham_manifest, tmp_path, capsys):
         assert needle in capsys.readouterr().err
         assert not out.exists()
     assert load_config(SplitConfig, None, ["merge_near_duplicates=true"]).merge_near_duplicates is True
+
+
+@dataclass
+class Seq:
+    sizes: Sequence[int] = (64,)
+    names: Sequence = ("a",)
+
+
+def test_sequence_fields_take_lists():
+    cfg = load_config(Seq, None, ["sizes=32,64", "names=[x, y]"])
+    assert cfg.sizes == [32, 64] and cfg.names == ["x", "y"]
+    with pytest.raises(ConfigError, match=r"sizes\[1\]: expected an integer"):
+        load_config(Seq, None, ["sizes=[1, x]"])

@@ -1,8 +1,12 @@
-"""Atomic writers and safe image loading (mode conversion, corrupt / truncated / missing / oversized files)."""
+"""Atomic writers and safe image loading (mode conversion, corrupt / truncated / missing / oversized files); neither,
+nor the run log, changes process-wide state."""
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -10,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from dermsynth import io as dio
 from dermsynth.io import (DataError, atomic_open, atomic_save_image, atomic_save_npy, atomic_write_csv,
                           atomic_write_json, atomic_write_text, image_array, load_image, sha256_file)
+from dermsynth.runlog import LOGGER_NAME, run_log
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
@@ -145,3 +150,53 @@ def test_decompression_bomb(tmp_path, monkeypatch):
     monkeypatch.setattr(dio, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(DataError, match=r"too large: .*t.jpg \(row 5\) is 64x64"):
         load_image(jpeg(tmp_path / "t.jpg"), "row 5")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Process-wide state is left alone
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_atomic_files_get_the_umask_without_touching_it(tmp_path, monkeypatch):
+    old = os.umask(0o027)
+    try:
+        def refuse(*_):
+            raise AssertionError("the process umask was changed (a race with other threads creating files)")
+
+        monkeypatch.setattr(os, "umask", refuse)
+        written = [atomic_write_text(tmp_path / "a.txt", "x"), atomic_save_npy(tmp_path / "a.npy", np.eye(2)),
+                   atomic_write_csv(tmp_path / "t.csv", pd.DataFrame({"a": [1]}))]
+        monkeypatch.undo()
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in written] == [0o640] * 3  # as a plain open() under umask 027
+    assert leftovers(tmp_path) == []
+
+
+def test_load_image_keeps_pil_settings_and_still_refuses_truncated_files(tmp_path, monkeypatch):
+    """A program may let PIL pad truncated images process-wide; load_image leaves that setting alone but still
+    refuses a truncated file."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    whole = jpeg(tmp_path / "whole.jpg")
+    assert load_image(whole).size == (64, 64)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "w.png")
+    for src in (whole, tmp_path / "w.png"):
+        cut = tmp_path / f"cut{src.suffix}"
+        cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+        with pytest.raises(DataError, match=rf"corrupt or truncated image: .*{cut.name} \(row 4\)"):
+            load_image(cut, "row 4")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+def test_run_log_restores_the_logger_level(tmp_path):
+    logger = logging.getLogger(LOGGER_NAME)
+    before = logger.level
+    try:
+        logger.setLevel(logging.WARNING)
+        with run_log(tmp_path / "run"):
+            assert logger.level == logging.INFO
+            logger.info("into the file")
+        assert logger.level == logging.WARNING
+    finally:
+        logger.setLevel(before)
+    assert "into the file" in (tmp_path / "run" / "log.txt").read_text()

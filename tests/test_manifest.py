@@ -94,3 +94,21 @@ def test_ids_stay_strings(tmp_path):
     back = read_manifest(m)
     assert back["image_id"].item() == "007" and back["group_id"].item() == "0010"
     assert Path(back["path"].item()).name == "a.jpg"
+
+
+def test_backslash_paths_from_windows_resolve(tmp_path):
+    m = tmp_path / "ds" / "manifest.csv"
+    (tmp_path / "ds" / "images").mkdir(parents=True)
+    (tmp_path / "ds" / "images" / "a.jpg").write_bytes(b"x")
+    frame(["images\\a.jpg", "..\\..\\etc\\passwd"]).iloc[:1].to_csv(m, index=False)
+    assert read_manifest(m, check_files=True)["path"].item() == str((tmp_path / "ds" / "images" / "a.jpg").resolve())
+    frame(["images\\a.jpg", "..\\..\\etc\\passwd"]).to_csv(m, index=False)
+    with pytest.raises(DataError, match=r"manifest.csv, row 3: path .*etc.*passwd' escapes the manifest folder"):
+        read_manifest(m)
+
+
+def test_an_empty_label_says_so(tmp_path):
+    m = tmp_path / "manifest.csv"
+    frame(["a.jpg", "b.jpg"], ["nv", ""]).to_csv(m, index=False)
+    with pytest.raises(DataError, match=r"^empty label at .*manifest.csv, row 3"):
+        read_manifest(m)

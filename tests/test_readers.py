@@ -50,7 +50,7 @@ def test_ham10000_dataverse_layout(ham_manifest, ham_sample):
     assert {c: v["images"] for c, v in info["counts"].items()} == SAMPLE_COUNTS
 
 
-def test_ham10000_kaggle_variant_reads_the_same(tmp_path, ham_sample, ham_manifest):
+def test_ham10000_kaggle_variant_reads_the_same(tmp_path, ham_sample, ham_manifest, caplog):
     root = tmp_path / "kaggle"
     meta = metadata(ham_sample).drop(columns="dataset")
     meta["age"] = meta["age"].map(lambda a: f"{float(a):.1f}" if a else a)  # Kaggle writes 80.0
@@ -60,7 +60,10 @@ def test_ham10000_kaggle_variant_reads_the_same(tmp_path, ham_sample, ham_manife
     for part in ("HAM10000_images_part_1", "HAM10000_images_part_2"):
         shutil.copytree(ham_sample / part, root / part)
         shutil.copytree(ham_sample / part, root / part.lower())
-    kaggle = read_manifest(prepare("ham10000", root, tmp_path / "out"))
+    with caplog.at_level(logging.WARNING, logger="dermsynth"):
+        kaggle = read_manifest(prepare("ham10000", root, tmp_path / "out"))
+    dup = [r.getMessage() for r in caplog.records if "found more than once" in r.getMessage()]
+    assert len(dup) == 1 and "57 image file(s)" in dup[0] and "ham10000_images_part_1/" in dup[0]
     dataverse = read_manifest(ham_manifest)
     assert "dataset" not in kaggle.columns
     cols = ["image_id", "group_id", "label", "source", "age", "sex", "localization", "dx_type"]
@@ -240,6 +243,18 @@ def test_generic_csv_with_aliases_groups_and_extra_columns(tmp_path, ham_sample)
     assert (df2["group_id"] == df2["image_id"]).all()
 
 
+def test_generic_csv_written_on_windows(tmp_path, ham_sample):
+    """Backslash-separated relative paths resolve, and the image id is the file's stem, not "imgs\\ISIC_x"."""
+    rows = one_per_class(ham_sample)
+    (tmp_path / "ds" / "imgs").mkdir(parents=True)
+    for image_id in rows["image_id"]:
+        shutil.copy(sample_image(ham_sample, image_id), tmp_path / "ds" / "imgs" / f"{image_id}.jpg")
+    pd.DataFrame({"path": "imgs\\" + rows["image_id"] + ".jpg", "label": rows["dx"]}).to_csv(
+        tmp_path / "ds" / "labels.csv", index=False)
+    df = read_manifest(prepare("csv", tmp_path / "ds", tmp_path / "out"), check_files=True)
+    assert dict(zip(df["image_id"], df["label"])) == dict(zip(rows["image_id"], rows["dx"]))
+
+
 def test_folder_tree_with_alias_names(tmp_path, ham_sample):
     rows = one_per_class(ham_sample)
     names = {"akiec": "actinic_keratosis", "bcc": "BCC", "bkl": "benign_keratosis", "df": "df", "mel": "melanoma",
@@ -255,6 +270,26 @@ def test_folder_tree_with_alias_names(tmp_path, ham_sample):
 
     (tmp_path / "tree" / "train").mkdir()
     with pytest.raises(DataError, match=r"unknown label 'train' at class folder .*tree/train"):
+        prepare("folder", tmp_path / "tree", tmp_path / "out2")
+
+
+def test_folder_tree_refuses_two_images_with_one_name(tmp_path, ham_sample):
+    """Two patients' img_001.jpg are two photos: refused with both paths named, never one of them dropped."""
+    a, b = one_per_class(ham_sample)["image_id"][:2]
+    for patient, src in (("patientA", a), ("patientB", b)):
+        (tmp_path / "tree" / "nv" / patient).mkdir(parents=True)
+        shutil.copy(sample_image(ham_sample, src), tmp_path / "tree" / "nv" / patient / "img_001.jpg")
+    with pytest.raises(DataError, match=r"patientA/img_001.jpg and .*patientB/img_001.jpg: two different images with "
+                                        r"the same file name 'img_001'.*Rename one"):
+        prepare("folder", tmp_path / "tree", tmp_path / "out")
+    # an identical copy is one image
+    shutil.copy(tmp_path / "tree" / "nv" / "patientA" / "img_001.jpg", tmp_path / "tree" / "nv" / "patientB")
+    df = read_manifest(prepare("folder", tmp_path / "tree", tmp_path / "out"))
+    assert df["image_id"].tolist() == ["img_001"] and "patientA" in df["path"].item()
+    # one name in two class folders
+    (tmp_path / "tree" / "mel").mkdir()
+    shutil.copy(sample_image(ham_sample, b), tmp_path / "tree" / "mel" / "img_001.jpg")
+    with pytest.raises(DataError, match=r"duplicate image_id 'img_001' at .*mel/img_001.jpg and .*nv/patientA"):
         prepare("folder", tmp_path / "tree", tmp_path / "out2")
 
 

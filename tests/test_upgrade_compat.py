@@ -1,8 +1,10 @@
 """A release that adds config fields keeps finished and interrupted work valid: unit hashes cover only non-default
-fields (and a study recorded under the first scheme, which hashed every field, is carried over instead of rerun), and
-a classifier or generator run saved before a field existed still resumes."""
+fields and ignore the order of mapping keys (and a study recorded under an older scheme, which hashed every field or
+kept mapping order, is carried over instead of rerun), and a classifier or generator run saved before a field existed
+still resumes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -13,7 +15,9 @@ import yaml
 
 from dermsynth.classify.config import ClfConfig
 from dermsynth.classify.train import _check_run_folder
-from dermsynth.config import ConfigError, changed_fields, to_dict
+from dermsynth.config import ConfigError, changed_fields, load_config, to_dict
+from dermsynth.experiments.config import StudyConfig
+from dermsynth.experiments.study import plan
 from dermsynth.experiments.units import Unit, UnitRunner, unit_hash
 from dermsynth.paths import RunPaths
 
@@ -74,6 +78,65 @@ def test_a_study_recorded_under_the_first_scheme_is_carried_over_not_rerun(tmp_p
     assert ran == []  # ... but the record is carried over: nothing reran
     assert json.loads(runner.state_path(down).read_text())["hash"] == down.hash
     assert runner.carry_over() == 0  # once
+
+
+def test_mapping_keys_in_another_order_leave_the_hash_alone():
+    a = _unit({"per_class_of": {"nv": 6, "bkl": 5}, "clf": _Old(steps=3), "order": [2, 1]})
+    b = _unit({"order": [2, 1], "clf": _Old(steps=3), "per_class_of": {"bkl": 5, "nv": 6}})
+    assert unit_hash(a, {}) == unit_hash(b, {})
+    assert unit_hash(a, {}, scheme=2) != unit_hash(b, {}, scheme=2)  # the second scheme kept the order
+    assert unit_hash(a, {}) != unit_hash(_unit({**a.config, "order": [1, 2]}), {})  # a list's order still counts
+
+
+def _tiny(*overrides: str) -> StudyConfig:
+    return load_config(StudyConfig, Path(__file__).resolve().parents[1] / "configs" / "study_tiny.yaml", overrides)
+
+
+def test_a_study_config_with_mapping_keys_swapped_is_the_same_study(tmp_path):
+    def hashes(*overrides: str) -> dict[str, str]:
+        cfg = _tiny("generation.strength=0.5", *overrides)
+        return {u.name: u.hash for u in UnitRunner(tmp_path, plan(cfg, tmp_path)[0]).units}
+
+    ratios = "classifier.data.synthetic_ratio_per_class"
+    one = hashes("generation.per_class_of={nv: 6, bkl: 5}", "split.train_keep_of={df: 0.5, mel: 0.6}",
+                 "generation.init_from={df: nv, vasc: bkl}", f"{ratios}={{df: 1, mel: 2}}")
+    other = hashes("generation.per_class_of={bkl: 5, nv: 6}", "split.train_keep_of={mel: 0.6, df: 0.5}",
+                   "generation.init_from={vasc: bkl, df: nv}", f"{ratios}={{mel: 2, df: 1}}")
+    assert one == other
+
+
+def test_a_study_recorded_under_the_second_scheme_is_carried_over_not_rerun(tmp_path):
+    ran = []
+    up = Unit("up", "stage", None, {"b": 2, "a": {"y": 1, "x": 2}}, lambda resume: ran.append("up"))
+    down = Unit("down", "stage", None, {"clf": _Old(steps=3), "k": 1}, lambda resume: ran.append("down"),
+                upstream=["up"])
+    runner = UnitRunner(tmp_path, [up, down])
+    old = {}
+    for u in (up, down):
+        old[u.name] = unit_hash(u, old, scheme=2)
+        _record(runner, u, old[u.name])
+    assert not runner.is_done(up)  # the current hash differs from the recorded one ...
+    runner.run_all()
+    assert ran == []  # ... but the record is carried over: nothing reran
+    assert json.loads(runner.state_path(down).read_text())["hash"] == down.hash
+    assert runner.carry_over() == 0  # once
+
+
+def test_every_unit_of_a_study_recorded_under_the_second_scheme_is_carried_over(tmp_path):
+    """Including the samples of a study that draws classes that are not rare: the second scheme listed them in
+    per_class_of's order, the third in class order."""
+    units = plan(_tiny("generation.per_class_of={nv: 6, bkl: 5}"), tmp_path)[0]
+    runner = UnitRunner(tmp_path, units)
+    old: dict[str, str] = {}
+    for u in units:
+        if u.name == "samples":  # as the release before the third scheme planned it
+            assert u.config["classes"] == ["df", "vasc", "mel", "bkl", "nv"]
+            u = dataclasses.replace(u, config={**u.config, "classes": ["df", "vasc", "mel", "nv", "bkl"]},
+                                    legacy_config=None)
+        old[u.name] = unit_hash(u, old, scheme=2)
+        _record(runner, u, old[u.name])
+    assert runner.carry_over() == len(units)
+    assert all(runner.state(u)["hash"] == u.hash for u in units)
 
 
 def test_a_record_of_another_config_is_still_stale(tmp_path):

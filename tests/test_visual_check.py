@@ -57,3 +57,12 @@ def test_scoring(sheet):
     bad.to_csv(sheet / "bad.csv", index=False)
     with pytest.raises(DataError, match="maybe"):
         score_sheet(sheet, sheet / "bad.csv")
+
+
+def test_make_without_samples_or_split_is_a_clear_error(tmp_path, capsys):
+    from dermsynth.cli import main
+
+    for missing in (["--split", "s.json"], ["--samples", "samples"]):
+        assert main(["visual-check", "make", "--out", str(tmp_path / "sheet"), *missing]) == 2
+        err = capsys.readouterr().err
+        assert "visual-check make needs --samples and --split" in err and "Traceback" not in err

@@ -84,6 +84,10 @@ def cmd_filter(a: argparse.Namespace) -> Any:
 
 def cmd_visual_check(a: argparse.Namespace) -> Any:
     if a.action == "make":
+        if a.samples is None or a.split is None:  # optional for "score", so argparse cannot require them
+            from dermsynth.config import ConfigError
+
+            raise ConfigError("visual-check make needs --samples and --split")
         return _lazy("dermsynth.metrics.visual_check", "make_sheet")(a.samples, a.split, a.out, per_class=a.per_class,
                                                                      seed=a.seed)
     return _lazy("dermsynth.metrics.visual_check", "score_sheet")(a.out, a.ratings)
@@ -126,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--source", required=True, choices=["ham10000", "isic2018", "isic2019", "csv", "folder"])
     q.add_argument("--root", required=True, type=Path, help="dataset folder")
     q.add_argument("--out", required=True, type=Path, help="output folder (gets manifest.csv)")
-    q.add_argument("--csv", type=Path, help="csv source: the CSV file (path,label[,group]); default ROOT/labels.csv")
+    q.add_argument("--csv", type=Path, help="csv: the CSV file (path,label[,group][,image_id]; default "
+                                            "ROOT/labels.csv); isic2018/isic2019: the ground-truth CSV (default: "
+                                            "found under ROOT)")
     q.add_argument("--ham-root", type=Path, help="isic2019: HAM10000 manifest or folder to deduplicate against")
     q.add_argument("--masks", action="store_true", help="ham10000: record lesion mask paths when present")
     q.add_argument("--check-images", action="store_true", help="fully decode every image (slower; default: header "

@@ -6,9 +6,9 @@ ones, because a typo that silently keeps a default is the worst kind of bug in a
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -54,7 +54,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, where)
-    if origin in (list, Sequence, typing.Sequence) or tp is list:
+    # get_origin(typing.Sequence[int]) is collections.abc.Sequence
+    if origin in (list, collections.abc.Sequence) or tp in (list, Sequence, collections.abc.Sequence):
         if isinstance(value, str):
             # "df,vasc,mel" on the command line is a list of strings
             value = [v.strip() for v in value.split(",") if v.strip()]

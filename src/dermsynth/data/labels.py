@@ -1,6 +1,8 @@
 """Canonical class codes of HAM10000 / ISIC and the aliases that map other spellings onto them."""
 from __future__ import annotations
 
+import math
+
 from dermsynth.io import DataError
 
 # Order is fixed: it is the index order of every classifier head and every generator's class embedding.
@@ -35,6 +37,8 @@ def canonical_label(raw: object, where: str = "") -> str:
     if key in ALIASES:
         return ALIASES[key]
     loc = f" at {where}" if where else ""
+    if raw is None or key == "" or (isinstance(raw, float) and math.isnan(raw)):  # pandas reads an empty cell as NaN
+        raise DataError(f"empty label{loc}; every image needs one of {list(CLASSES)}")
     raise DataError(f"unknown label {raw!r}{loc}; known classes: {list(CLASSES)} (aliases: {sorted(ALIASES)})")
 
 

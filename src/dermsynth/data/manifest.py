@@ -2,12 +2,14 @@
 
 Required columns: image_id, group_id (lesion id), label (canonical code), path, source. Any other column
 (age, sex, localization, dx_type, mask_path; for synthetic images seed, generator, checkpoint_hash, ...) is kept.
-Relative paths are relative to the folder holding manifest.csv and may not escape it.
+Relative paths are relative to the folder holding manifest.csv and may not escape it; in a relative path a backslash
+(a CSV written on Windows) separates folders like a slash.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -15,6 +17,31 @@ from dermsynth.data.labels import CLASSES, canonical_label
 from dermsynth.io import DataError, atomic_write_csv
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_id", "group_id", "label", "path", "source")
+_SPARE = "\0spare"  # the name of read_csv_checked's extra column; no header can hold it
+
+
+def read_csv_checked(path: Path, **kwargs: Any) -> pd.DataFrame:
+    """``pd.read_csv`` (``kwargs`` passed on) that accepts a trailing delimiter on data rows and refuses a row with more
+    values than the header; an empty or unreadable file is a DataError naming it.
+
+    Why: pandas reads rows with one value more than the header (``a.jpg,nv,`` as Excel writes them) as "the first
+    column is an index" and shifts every column one left, so every later check complains about the wrong column.
+    """
+    try:
+        columns = list(pd.read_csv(path, nrows=0, **kwargs).columns)
+        # one spare column takes the value after a trailing delimiter (pandas sizes rows by the header line, so it is
+        # skipped and named here); index_col=False keeps the columns in place
+        table = pd.read_csv(path, header=None, skiprows=1, names=[*columns, _SPARE], index_col=False, **kwargs)
+    except pd.errors.EmptyDataError as e:
+        raise DataError(f"{path}: the file is empty (not even a header line)") from e
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable CSV: {e}") from e
+    spare = table.pop(_SPARE)
+    extra = (spare.notna() & (spare.astype(str).str.strip() != "")).to_numpy().nonzero()[0]
+    if len(extra):
+        raise DataError(f"{path}, row {extra[0] + 2}: more values than the header has columns {columns}; quote a value "
+                        f"that contains the delimiter, or remove the extra value")
+    return table
 
 
 def validate_manifest(df: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -49,10 +76,11 @@ def _resolve_under(raw: str, root_r: str, where: str) -> str:
     """``resolve_path`` on strings with ``root`` already resolved (read_manifest resolves it once, not per row)."""
     if os.path.isabs(raw):
         return raw
-    if ".." not in raw.replace("\\", "/").split("/"):
+    posix = raw.replace("\\", "/")  # a CSV written on Windows: imgs\a.jpg is imgs/a.jpg
+    if ".." not in posix.split("/"):
         # cannot leave root by its text; a plain join keeps 10k-row manifests fast (no lstat per path component)
-        return os.path.join(root_r, raw)
-    full = os.path.realpath(os.path.join(root_r, raw))
+        return os.path.join(root_r, posix)
+    full = os.path.realpath(os.path.join(root_r, posix))
     if full != root_r and not full.startswith(root_r.rstrip(os.sep) + os.sep):
         raise DataError(f"{where}: path {raw!r} escapes the manifest folder {root_r}; refusing to read it")
     return full
@@ -63,11 +91,8 @@ def read_manifest(path: str | Path, check_files: bool = False) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest not found: {path}")
-    try:
-        df = pd.read_csv(path, dtype={"image_id": str, "group_id": str, "path": str, "source": str, "label": str},
-                         keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable CSV: {e}") from e
+    df = read_csv_checked(path, dtype={"image_id": str, "group_id": str, "path": str, "source": str, "label": str},
+                          keep_default_na=False, na_values=[""])
     df = validate_manifest(df, str(path))
     root = str(path.parent.resolve())
     df["path"] = [_resolve_under(p, root, f"{path}, row {i + 2}") for i, p in enumerate(df["path"])]

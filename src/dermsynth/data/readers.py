@@ -7,13 +7,15 @@ name the offending row when a later check fails. Readers only look at file names
 """
 from __future__ import annotations
 
+import filecmp
 import os
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 
 from dermsynth.data.labels import CLASSES, canonical_label
-from dermsynth.data.manifest import resolve_path
+from dermsynth.data.manifest import read_csv_checked, resolve_path
 from dermsynth.io import DataError
 from dermsynth.runlog import get_logger
 
@@ -27,14 +29,19 @@ OUT_COLUMNS = ("image_id", "group_id", "label", "path", "source")
 # Shared pieces
 # ----------------------------------------------------------------------------------------------------------------------
 
-def index_images(root: Path) -> dict[str, Path]:
+def index_images(root: Path, same_stem: Literal["first", "error"] = "first") -> dict[str, Path]:
     """Map file stem -> path for every image anywhere under ``root`` (walked in sorted order).
 
-    Datasets get copied around with duplicated folders (Kaggle's HAM10000 ships both ``HAM10000_images_part_1`` and
-    ``ham10000_images_part_1``): an id found twice keeps its first path in sorted order, and the count is logged.
+    ``same_stem`` says what two files with one stem mean. "first" (the dataset readers, whose CSVs name images by
+    stem): datasets get copied around with duplicated folders (Kaggle's HAM10000 ships both
+    ``HAM10000_images_part_1`` and ``ham10000_images_part_1``), so the first path in sorted order is kept and the
+    others are logged as a warning with examples. "error" (a folder tree, where the stem is the image id): two files
+    whose contents differ are two photos that would share one id, a DataError naming both; an identical copy counts
+    once.
     """
     found: dict[str, Path] = {}
-    n_dup, seen_dirs = 0, set()
+    skipped: list[tuple[Path, Path]] = []  # (kept, skipped)
+    seen_dirs = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:  # a symlink loop, or two links to one folder
@@ -46,13 +53,19 @@ def index_images(root: Path) -> dict[str, Path]:
             stem, ext = os.path.splitext(name)
             if ext.lower() not in IMAGE_EXTENSIONS or name.startswith("."):
                 continue
-            if stem in found:
-                n_dup += 1
+            path, first = Path(dirpath) / name, found.get(stem)
+            if first is None:
+                found[stem] = path
                 continue
-            found[stem] = Path(dirpath) / name
-    if n_dup:
-        log.info("%s: %d image file(s) found more than once (duplicated folders); kept the first copy of each",
-                 root, n_dup)
+            if same_stem == "error" and not filecmp.cmp(first, path, shallow=False):
+                raise DataError(f"{first} and {path}: two different images with the same file name {stem!r}; the "
+                                f"image id is the file name, so one id would stand for two photos. Rename one of them, "
+                                f"or list the images in a CSV with an image_id column and read it with --source csv")
+            skipped.append((first, path))
+    if skipped:
+        examples = "; ".join(f"{b} (kept {a})" for a, b in skipped[:3])
+        log.warning("%s: %d image file(s) found more than once (duplicated folders?); kept the first copy of each in "
+                    "sorted order; skipped e.g. %s", root, len(skipped), examples)
     return found
 
 
@@ -61,10 +74,7 @@ def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     sep = "\t" if path.suffix.lower() == ".tab" else ","
-    try:
-        table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable CSV: {e}") from e
+    table = read_csv_checked(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     table.columns = [str(c).strip() for c in table.columns]
     missing = [c for c in required if c not in table.columns]
     if missing:
@@ -296,8 +306,9 @@ def read_isic2019(root: Path, csv: Path | None = None, ham_root: Path | None = N
 def read_csv_labels(root: Path, csv: Path | None = None) -> pd.DataFrame:
     """A CSV with ``path,label[,group][,image_id]`` (default ``root/labels.csv``); paths relative to the CSV's folder.
 
-    A relative path that leaves the CSV's folder is refused. Without a group column every image is its own group
-    (then a split cannot keep photos of one lesion together: add the column when you know the lesions).
+    A relative path that leaves the CSV's folder is refused; backslashes in a relative path (a CSV written on Windows)
+    separate folders. Without a group column every image is its own group (then a split cannot keep photos of one
+    lesion together: add the column when you know the lesions).
     """
     csv = Path(csv) if csv else root / "labels.csv"
     table = read_table(csv, ("path", "label"))
@@ -305,8 +316,9 @@ def read_csv_labels(root: Path, csv: Path | None = None) -> pd.DataFrame:
     wheres = where_rows(csv, len(table))
     base = csv.parent
     paths = [str(resolve_path(p, base, w)) for p, w in zip(table["path"], wheres)]
-    ids = table["image_id"] if "image_id" in table.columns else pd.Series([Path(p).stem for p in table["path"]])
-    ids = ids.where(ids != "", pd.Series([Path(p).stem for p in table["path"]]))
+    stems = pd.Series([Path(p.replace("\\", "/")).stem for p in table["path"]])  # imgs\a.jpg (Windows): a
+    ids = table["image_id"] if "image_id" in table.columns else stems
+    ids = ids.where(ids != "", stems)
     if "group" in table.columns:
         groups = table["group"].where(table["group"] != "", ids)
     else:
@@ -329,12 +341,16 @@ def read_csv_labels(root: Path, csv: Path | None = None) -> pd.DataFrame:
 def read_folder(root: Path) -> pd.DataFrame:
     """A class-per-folder tree ``root/<class>/**/<image>``; folder names go through the alias map.
 
-    No lesion ids exist in such a tree, so every image is its own group.
+    The image id is the file name without its extension, so two different images with one name anywhere in the tree
+    (``nv/patientA/img_001.jpg`` and ``nv/patientB/img_001.jpg``, or the same name in two class folders) are refused
+    with both paths named: rename them, or list the images in a CSV with an ``image_id`` column (``--source csv``).
+    An identical copy of a file under its class folder counts once. No lesion ids exist in such a tree, so every image
+    is its own group.
     """
     rows = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         label = canonical_label(sub.name, f"class folder {sub}")
-        for stem, path in index_images(sub).items():
+        for stem, path in index_images(sub, same_stem="error").items():
             rows.append({"image_id": stem, "group_id": stem, "label": label, "path": str(path), "source": "folder",
                          "_where": str(path)})
     loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]

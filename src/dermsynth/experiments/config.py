@@ -215,9 +215,10 @@ def reference_config(cfg: StudyConfig) -> ClfConfig:
 
 
 def drawn_classes(cfg: StudyConfig) -> dict[str, int]:
-    """The samples stage's classes and counts: every rare class, and any other class ``generation.per_class_of`` names."""
+    """The samples stage's classes and counts: every rare class (in the order given), then any other class
+    ``generation.per_class_of`` names, in class order (not the mapping's, which says nothing)."""
     rare = parse_classes(cfg.rare_classes)
-    extra = {c: n for c, n in cfg.generation.per_class_of.items() if c not in rare}
+    extra = {c: cfg.generation.per_class_of[c] for c in CLASSES if c in cfg.generation.per_class_of and c not in rare}
     return {c: cfg.generation.per_class_of.get(c, cfg.generation.per_class) for c in rare} | extra
 
 

@@ -139,9 +139,12 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
         units.append(_job_unit("reference", "reference classifier", ref, _hashable(rcfg), train_classifier, (rcfg, ref),
                                upstream=["split"], done_file="metrics.json"))
         gen, drawn = cfg.generation, drawn_classes(cfg)
+        # releases before hash scheme 3 listed the classes that are not rare in per_class_of's order
+        legacy = [*rare, *(c for c in gen.per_class_of if c not in rare)]
         units.append(Unit("samples", "samples", paths.samples, {"generation": gen, "classes": list(drawn)},
                           lambda resume: _generate(paths, gen, drawn),
-                          upstream=["generator"], done_file="manifest.csv"))
+                          upstream=["generator"], done_file="manifest.csv",
+                          legacy_config={"generation": gen, "classes": legacy}))
         synthetic_src["unfiltered"] = ("samples", paths.samples / "manifest.csv")
 
         units.append(Unit("filter", "filter", paths.filtered, cfg.filter,

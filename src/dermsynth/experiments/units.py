@@ -10,8 +10,11 @@ units' hashes*, so a change anywhere reruns exactly the units downstream of it. 
 A unit whose recorded hash differs from the current one is stale: its output folder is deleted and it starts fresh.
 The hash covers only the config fields that differ from their defaults (``changed_fields``): a release that adds a
 field whose default keeps the old behaviour leaves finished units valid. (Changing a default changes what a unit does
-without changing its hash: bump HASH_SCHEME then.) States written under the first scheme, which hashed every field,
-are carried over once when their hash matches that scheme's.
+without changing its hash: bump HASH_SCHEME then.) Since scheme 3 the keys of every mapping are hashed in sorted
+order, so a config that writes two keys of a mapping field (``generation.per_class_of``, ``split.train_keep_of``,
+``classifier.data.synthetic_ratio_per_class``) the other way round is the same config. States written under an
+older scheme (1 hashed every field, 2 kept the order of mappings) are carried over once when their hash matches that
+scheme's, so an upgrade redoes no finished unit.
 Wall time per unit accumulates over resumes; ``timings.json`` sums it per stage.
 
 Units that carry a ``job`` (a picklable function and its arguments; the study gives every classifier unit one) may
@@ -59,6 +62,9 @@ class Unit:
     hash: str = ""
     # (function, args): the same work as ``run``, callable in another process as function(*args, resume=...)
     job: tuple[Callable[..., Any], tuple] | None = None
+    # what hash schemes before 3 hashed in place of ``config`` where the two differ only in an order that scheme 3
+    # makes canonical (None: ``config``); lets carry_over recognise records of earlier releases
+    legacy_config: Any = None
 
 
 def _run_job(fn: Callable[..., Any], args: tuple, resume: bool, threads: int) -> float:
@@ -73,14 +79,32 @@ def _run_job(fn: Callable[..., Any], args: tuple, resume: bool, threads: int) ->
     return time.perf_counter() - t0
 
 
-HASH_SCHEME = 2
+HASH_SCHEME = 3
+
+
+def _sorted_keys(obj: Any) -> Any:
+    """``obj`` with the keys of every mapping in sorted order, recursively; lists keep their order (it can matter)."""
+    if isinstance(obj, dict):
+        return {k: _sorted_keys(obj[k]) for k in sorted(obj, key=str)}
+    if isinstance(obj, list):
+        return [_sorted_keys(x) for x in obj]
+    return obj
 
 
 def unit_hash(unit: Unit, upstream_hashes: dict[str, str], scheme: int = HASH_SCHEME) -> str:
-    """The unit's config (its non-default fields) and its upstream units' hashes; scheme 1 hashed every field."""
-    payload = {"stage": unit.stage, "config": to_dict(unit.config) if scheme == 1 else changed_fields(unit.config),
+    """The unit's config (its non-default fields) and its upstream units' hashes.
+
+    Older schemes, kept to recognise records written by earlier releases: 1 hashed every field, 2 hashed mappings in
+    insertion order (so two keys written the other way round changed the hash). Both hash ``legacy_config`` if set.
+    """
+    config = unit.config if scheme >= 3 or unit.legacy_config is None else unit.legacy_config
+    payload = {"stage": unit.stage, "config": to_dict(config) if scheme == 1 else changed_fields(config),
                "upstream": {u: upstream_hashes[u] for u in sorted(unit.upstream)}}
-    return config_hash(payload if scheme == 1 else {"scheme": scheme, **payload})
+    if scheme == 1:
+        return config_hash(payload)
+    if scheme == 2:
+        return config_hash({"scheme": scheme, **payload})
+    return config_hash(_sorted_keys({"scheme": scheme, **payload}))
 
 
 def _fmt_s(s: float) -> str:
@@ -95,20 +119,23 @@ class UnitRunner:
         self.paths = StudyPaths(study)
         self.units = units
         hashes: dict[str, str] = {}
-        self._scheme1: dict[str, str] = {}
+        # each older scheme's hashes, chained through that scheme's upstream hashes, as an earlier release recorded them
+        self._older: dict[int, dict[str, str]] = {s: {} for s in range(1, HASH_SCHEME)}
         for u in units:
             missing = [x for x in u.upstream if x not in hashes]
             if missing:
                 raise ValueError(f"unit {u.name!r} depends on {missing}, which do not come before it")
             u.hash = hashes[u.name] = unit_hash(u, hashes)
-            self._scheme1[u.name] = unit_hash(u, self._scheme1, scheme=1)
+            for scheme, older in self._older.items():
+                older[u.name] = unit_hash(u, older, scheme=scheme)
 
     def carry_over(self) -> int:
-        """Re-record states written under hash scheme 1 whose config is unchanged; returns how many."""
+        """Re-record states written under an older hash scheme whose config is unchanged; returns how many."""
         n = 0
         for u in self.units:
             st = self.state(u)
-            if st and st.get("hash") == self._scheme1[u.name] != u.hash:
+            older = {h[u.name] for h in self._older.values()}
+            if st and st.get("hash") != u.hash and st.get("hash") in older:
                 atomic_write_json(self.state_path(u), {**st, "hash": u.hash})
                 n += 1
         if n:
