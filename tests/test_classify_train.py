@@ -425,10 +425,11 @@ def test_ddp_resume_mid_epoch_equals_uninterrupted_train_loss_included(toy_split
     launch(mid, "train.checkpoint_minutes=1e-9", resume=True)
     wf, wm = _weights(full), _weights(mid)
     assert wf.keys() == wm.keys() and all(torch.equal(wf[k], wm[k]) for k in wf)
-    # the per-epoch history, train_loss of the resumed epoch 2 included (predictions are not compared: rank 1 scores
-    # its shard with its own BatchNorm buffers, which a resume replaces by rank 0's)
+    # the per-epoch history, train_loss of the resumed epoch 2 included, and the predictions: every rank scores its
+    # shard with rank 0's BatchNorm statistics, the ones a checkpoint keeps
     sf, sm = pd.read_csv(full / "summary.csv"), pd.read_csv(mid / "summary.csv")
     pd.testing.assert_frame_equal(sf.drop(columns=TIMING), sm.drop(columns=TIMING))
+    pd.testing.assert_frame_equal(pd.read_csv(full / "predictions.csv"), pd.read_csv(mid / "predictions.csv"))
 
 
 def test_cli_end_to_end_on_toy(toy_split, tmp_path, capsys):

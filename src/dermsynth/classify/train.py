@@ -366,6 +366,9 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
         train_loss = float(loss_sum.float()) / max(prog.n_batches * world, 1)  # the mean over ranks and steps
 
         # validation and bookkeeping, identical on every rank (gathered probabilities)
+        if world > 1:  # each rank's last step moved its BatchNorm statistics by its own batch: score with rank 0's,
+            for buf in scored.buffers():  # which are the ones saved, so a resumed run scores as an uninterrupted one
+                torch.distributed.broadcast(buf, 0)
         # the epoch choice: plain views, 8x cheaper than TTA
         val_probs = _evaluate(scored, images["val"], norm, device, cfg, state)
         vm = _score(data.val, val_probs, cfg, n_boot=0)
