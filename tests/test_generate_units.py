@@ -15,7 +15,7 @@ from dermsynth.generate.samplers import (first_step, from_uint8, initial_noise, 
 from dermsynth.generate.samples import (image_seed, init_order, make_item, open_samples_folder, plan_batches,
                                         png_metadata, read_png_metadata, samples_dir_name, save_sample, settings_like,
                                         settings_tag, shard)
-from dermsynth.generate.scratch_train import class_weights, draw_batch
+from dermsynth.generate.scratch_train import class_weights, draw_batch, train_rngs
 from dermsynth.io import DataError
 
 
@@ -195,6 +195,17 @@ def test_draw_batch_augments_with_the_square_symmetries():
     seen = {next(i for i, v in enumerate(variants) if torch.equal(v, xi)) for xi in x}
     assert len(seen) == 8  # all eight dihedral variants show up in 64 draws, and nothing else
     assert torch.all(y == 5) and x.min() >= -1 and x.max() <= 1
+
+
+def test_training_streams_are_independent_at_every_seed_and_rank():
+    """Data and noise streams never share a seed (seed * k + rank did at seed 0), and the same seed repeats them."""
+    streams = [train_rngs(seed, rank) for seed in (0, 1) for rank in (0, 1)]
+    seeds = [g.initial_seed() for r in streams for g in r.values()]
+    assert len(set(seeds)) == len(seeds) == 8
+    r = train_rngs(0, 0)
+    assert not torch.equal(torch.rand(8, generator=r["data"]), torch.rand(8, generator=r["noise"]))
+    again = train_rngs(0, 0)
+    assert [g.initial_seed() for g in again.values()] == seeds[:2]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
