@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,21 @@ def test_rotation_and_resume_give_the_uninterrupted_result(tmp_path, split):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     losses = [pd.read_csv(r / "summary.csv")["loss"].tolist() for r in (full, part)]
     assert losses[0] == losses[1]
+
+
+def test_resuming_from_an_older_checkpoint_drops_the_newer_ones(tmp_path, split, caplog):
+    """Resuming from step 1 of a run that reached step 4 abandons steps 2-4: they are deleted (and named in the log),
+    so rotation cannot drop the new branch's checkpoints in their favour and ``latest`` is the new branch."""
+    run = train_generator(tiny_config(split, checkpoint_every=1, keep_checkpoints=4), tmp_path / "gen")
+    assert [c.name for c in list_checkpoints(run)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+    before = _tensors(run / "checkpoints" / "step_00000002")
+    with caplog.at_level(logging.WARNING, logger="dermsynth"):
+        train_generator(tiny_config(split, steps=2, checkpoint_every=1, keep_checkpoints=2), run,
+                        resume="step_00000001")
+    assert "['step_00000002', 'step_00000003', 'step_00000004']" in caplog.text
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000001", "step_00000002"]
+    after = _tensors(run / "checkpoints" / "step_00000002")  # the new branch's step 2 (the same steps again)
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_resume_refuses_another_split_or_network(tmp_path, trained, split):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from dermsynth.generate.sd15.sample import (build_pipeline, generate_sd, initial
                                             sample_latents)
 from dermsynth.generate.sd15.train import STATE_FILE, SDLoraTrainer, class_prompt, train_sd_lora
 from dermsynth.generate.sd15.weights import load_components
+from dermsynth.io import DataError
 
 CPU = torch.device("cpu")
 
@@ -232,6 +234,43 @@ def test_resume_latest_equals_an_uninterrupted_run(toy, trained, tmp_path):
     for k, st in sa["optimizer"]["state"].items():
         assert all(torch.equal(v, sb["optimizer"]["state"][k][n]) for n, v in st.items())
     assert pd.read_csv(out / "summary.csv")["step"].tolist() == [2, 4]
+
+
+def test_resuming_from_an_older_checkpoint_by_name_drops_the_newer_ones(toy, tmp_path, caplog):
+    """--resume step_00000001 finds the run's own checkpoint by name; steps 2-3 of the abandoned continuation are
+    deleted (and named in the log), so the new branch's checkpoints are kept and ``latest`` is the new branch."""
+    out = tmp_path / "run"
+    kw = dict(checkpoint_every=1, keep_checkpoints=5, validate_every=0)
+    train_sd_lora(gen_config(toy, steps=3, **kw), out)
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [f"step_0000000{i}" for i in (1, 2, 3)]
+    with caplog.at_level(logging.WARNING, logger="dermsynth"):
+        train_sd_lora(gen_config(toy, steps=2, **kw), out, resume="step_00000001")
+    assert "['step_00000002', 'step_00000003']" in caplog.text
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000001", "step_00000002"]
+    with pytest.raises(ConfigError, match=r"step_00000009.*available: \['step_00000001', 'step_00000002'\]"):
+        train_sd_lora(gen_config(toy, steps=2, **kw), out, resume="step_00000009")
+
+
+def test_resume_refuses_a_split_remade_at_the_same_path(toy, tmp_path):
+    """Same data.split path, other lesions: the fingerprint kept in the checkpoint (or, for checkpoints written
+    before it was, in generator.json) refuses the resume, naming both."""
+    manifest = toy["split"].parents[1] / "manifest.csv"
+    split = make_split(manifest, tmp_path / "split", SplitConfig(fractions=(0.5, 0.25, 0.25)))
+    cfg = gen_config(toy, steps=1, validate_every=0)
+    cfg.data.split = str(split)
+    out = train_sd_lora(cfg, tmp_path / "run")
+    was = load_split(split).fingerprint
+    make_split(manifest, tmp_path / "split", SplitConfig(fractions=(0.5, 0.25, 0.25), seed=1))
+    now = load_split(split).fingerprint
+    assert now != was
+    with pytest.raises(DataError, match=f"fingerprint {was[:12]}.*fingerprint {now[:12]}"):
+        train_sd_lora(cfg, out, resume="latest")
+    state_file = out / "checkpoints" / "step_00000001" / STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    assert state.pop("split_fingerprint") == was
+    torch.save(state, state_file)  # as saved before checkpoints kept the fingerprint
+    with pytest.raises(DataError, match=f"fingerprint {was[:12]}.*fingerprint {now[:12]}"):
+        train_sd_lora(cfg, out, resume="latest")
 
 
 def test_checkpoints_every_m_minutes(toy, tmp_path):

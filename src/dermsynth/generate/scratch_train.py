@@ -135,6 +135,19 @@ def resolve_checkpoint(run: str | Path, which: str | Path = "latest") -> Path:
                     f"{[c.name for c in list_checkpoints(run)]}")
 
 
+def drop_newer_checkpoints(run: str | Path, step: int) -> list[Path]:
+    """Delete the checkpoints of ``run`` past ``step``; returns them. Called when a run resumes from an older
+    checkpoint: those belong to the abandoned continuation, and rotation keeps the highest steps, so left in place they
+    would push out the new branch's checkpoints and stay ``latest``."""
+    newer = [p for p in list_checkpoints(run) if int(p.name.split("_")[1]) > step]
+    if newer:
+        get_logger("generate").warning("resuming %s from step %d: deleting the newer checkpoints %s of the run it "
+                                       "replaces", run, step, [p.name for p in newer])
+    for p in newer:
+        shutil.rmtree(p)
+    return newer
+
+
 def _save_torch(obj: Any, path: Path) -> None:
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
@@ -366,6 +379,8 @@ def train_scratch(cfg: GenConfig, out: str | Path, resume: str | Path | None = N
         start = load_checkpoint(ckpt, unet, ema, opt, rngs, rank) if ckpt is not None else 0
         if ckpt is not None:
             log.info("resumed from %s (step %d)", ckpt, start)
+            if acc.is_main_process:
+                drop_newer_checkpoints(out, start)
         if acc.is_main_process:
             save_config(cfg, paths.config)
             write_generator_info(out, generator_info(
