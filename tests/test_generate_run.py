@@ -250,6 +250,39 @@ def test_image_to_image_from_another_class_records_and_regenerates(trained, spli
             generate(trained, classes="df", per_class=1, steps=4, strength=0.5, init_from=bad)
 
 
+def test_a_folder_keeps_its_precision_and_x0_clipping_when_the_generator_changes_them(tmp_path, split):
+    """precision and clip_x0 are the folder's: regenerate uses them (not generator.json's sampling block, which a
+    resumed training rewrites) and a rerun that would draw its missing images otherwise is refused."""
+    cfg = tiny_config(split, steps=2)
+    cfg.sample.precision, cfg.sample.clip_x0 = "bf16", False  # bf16 autocast works on CPU too
+    run = train_generator(cfg, tmp_path / "gen")
+    out = generate(run, classes="df", per_class=3, steps=3, batch_size=2, out=tmp_path / "s")
+    s = json.loads((out / "samples.json").read_text())
+    assert (s["precision"], s["clip_x0"]) == ("bf16", False)
+    train_generator(tiny_config(split, steps=2), run, resume="latest")  # rewrites sampling: precision auto, clipping
+    assert read_generator_info(run)["sampling"]["precision"] == "auto"
+    df = read_manifest(out / "manifest.csv")
+    for _, row in df.iterrows():
+        assert np.array_equal(regenerate(row.to_dict()), np.asarray(Image.open(row["path"]))), row["image_id"]
+    now = read_manifest(generate(run, classes="df", per_class=3, steps=3, batch_size=2, out=tmp_path / "now")
+                        / "manifest.csv")
+    assert now["image_id"].tolist() == df["image_id"].tolist()  # precision and clip_x0 do not enter the ids
+    assert any(not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+               for a, b in zip(df["path"], now["path"]))  # ... but they do change the images
+    Path(df["path"][0]).unlink()
+    with pytest.raises(DataError, match="precision: folder has 'bf16', asked 'auto'"):
+        generate(run, classes="df", per_class=3, steps=3, out=out)
+
+
+def test_generate_like_a_raw_weights_folder_keeps_raw_weights(trained, tmp_path):
+    ref = generate(trained, classes="df", per_class=1, out=tmp_path / "ref", steps=2, batch_size=1, checkpoint="raw")
+    like = generate(None, classes="df", per_class=1, out=tmp_path / "like", seed=1, like=ref)
+    a, b = (json.loads((f / "samples.json").read_text()) for f in (ref, like))
+    assert a["weights"] == b["weights"] == "raw" and a["checkpoint_hash"] == b["checkpoint_hash"]
+    ema = generate(None, classes="df", per_class=1, out=tmp_path / "ema", seed=1, like=ref, checkpoint="ema")
+    assert json.loads((ema / "samples.json").read_text())["weights"] == "ema"  # a given choice wins
+
+
 def test_generate_like_copies_a_folders_settings_but_not_its_seed(trained, tmp_path):
     """--like SAMPLES: generator, checkpoint (here not the latest), sampler, steps, guidance, batch size and strength
     come from SAMPLES; given arguments win; the seed must be given, since SAMPLES's own would redraw its images."""

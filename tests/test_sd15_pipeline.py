@@ -22,8 +22,8 @@ from dermsynth.data.split import SplitConfig, load_split, make_split
 from dermsynth.generate.config import GenConfig, GenDataConfig
 from dermsynth.generate.sd15 import adapters
 from dermsynth.generate.sd15.config import SDConfig
-from dermsynth.generate.sd15.sample import (build_pipeline, generate_sd, initial_latents, load_trained_pipeline,
-                                            sample_latents)
+from dermsynth.generate.sd15.sample import (build_pipeline, checkpoint_hash, generate_sd, initial_latents,
+                                            load_trained_pipeline, sample_latents)
 from dermsynth.generate.sd15.train import STATE_FILE, SDLoraTrainer, class_prompt, train_sd_lora
 from dermsynth.generate.sd15.weights import load_components
 from dermsynth.io import DataError
@@ -318,3 +318,25 @@ def test_generate_writes_the_samples_folder_and_resumes(trained):
     with pytest.raises(Exception, match="other settings"):
         generate_sd(trained["run"], classes="df", per_class=1, steps=2, guidance=3.0, seed=0, batch_size=1,
                     out=folder)
+
+
+def test_a_samples_folder_takes_more_classes_later(trained, tmp_path):
+    """The checkpoint hash covers every class the run learnt, so a folder begun with df can take vasc later; a folder
+    begun before (hashed over df alone) keeps its hash and so its image ids."""
+    from dermsynth.generate import samples as S
+
+    out = generate_sd(trained["run"], classes="df", per_class=1, steps=2, batch_size=1, out=tmp_path / "s")
+    generate_sd(trained["run"], classes="df,vasc", per_class=1, steps=2, out=out)
+    assert sorted(read_manifest(out / "manifest.csv")["label"]) == ["df", "vasc"]
+
+    legacy = tmp_path / "legacy"
+    old = json.loads((out / S.SAMPLES_JSON).read_text())
+    old["checkpoint_hash"] = checkpoint_hash(trained["run"] / "checkpoints" / "step_00000004", ["df"])
+    old["prompts"] = {"df": old["prompts"]["df"]}
+    legacy.mkdir()
+    (legacy / S.SAMPLES_JSON).write_text(json.dumps(old))
+    generate_sd(trained["run"], classes="df,vasc", per_class=1, steps=2, out=legacy)
+    assert json.loads((legacy / S.SAMPLES_JSON).read_text())["checkpoint_hash"] == old["checkpoint_hash"]
+    ids = read_manifest(legacy / "manifest.csv")["image_id"]
+    assert ids.str.startswith(f"syn-{S.settings_tag(old)}-").all()
+    assert not set(ids) & set(read_manifest(out / "manifest.csv")["image_id"])
