@@ -157,14 +157,6 @@ def missing(batch: SampleBatch, folder: Path) -> list[SampleItem]:
     return [it for it in batch.items if not (folder / it.relpath).is_file()]
 
 
-def current_process() -> tuple[int, int]:
-    """(rank, world size) under ``accelerate launch``; (0, 1) otherwise."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    return state.process_index, state.num_processes
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Folder settings
 # ----------------------------------------------------------------------------------------------------------------------
