@@ -49,7 +49,7 @@ from diffusers.training_utils import EMAModel
 from dermsynth.generate.config import GenConfig, GenModelConfig, GenTrainConfig
 from dermsynth.generate.models import NULL_CLASS, UNET_SIZES, build_unet, count_parameters
 from dermsynth.generate.samplers import train_scheduler
-from dermsynth.generate.scratch_train import add_quartile_losses, class_weights, draw_batch, train_step
+from dermsynth.generate.scratch_train import add_quartile_losses, class_weights, draw_batch, train_rngs, train_step
 from dermsynth.io import atomic_write_json
 
 Step = Callable[[], torch.Tensor]  # one optimisation step; returns the (detached) loss
@@ -95,8 +95,7 @@ def dermsynth_step(acc: Accelerator, unet: Any, sched: Any, m: GenModelConfig, t
         unet.to(memory_format=torch.channels_last)
     ema = EMAModel(unet.parameters(), decay=t.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-    rngs = {"data": torch.Generator().manual_seed(t.seed * 1_000_003),
-            "noise": torch.Generator(device=device).manual_seed(t.seed * 1_000_033)}
+    rngs = train_rngs(t.seed, 0, device)
     model, opt = acc.prepare(unet, opt)
     forward = torch.compile(model) if compile else model
     cfg = GenConfig(model=m, train=t)

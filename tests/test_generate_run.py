@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,21 @@ def test_rotation_and_resume_give_the_uninterrupted_result(tmp_path, split):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     losses = [pd.read_csv(r / "summary.csv")["loss"].tolist() for r in (full, part)]
     assert losses[0] == losses[1]
+
+
+def test_resuming_from_an_older_checkpoint_drops_the_newer_ones(tmp_path, split, caplog):
+    """Resuming from step 1 of a run that reached step 4 abandons steps 2-4: they are deleted (and named in the log),
+    so rotation cannot drop the new branch's checkpoints in their favour and ``latest`` is the new branch."""
+    run = train_generator(tiny_config(split, checkpoint_every=1, keep_checkpoints=4), tmp_path / "gen")
+    assert [c.name for c in list_checkpoints(run)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+    before = _tensors(run / "checkpoints" / "step_00000002")
+    with caplog.at_level(logging.WARNING, logger="dermsynth"):
+        train_generator(tiny_config(split, steps=2, checkpoint_every=1, keep_checkpoints=2), run,
+                        resume="step_00000001")
+    assert "['step_00000002', 'step_00000003', 'step_00000004']" in caplog.text
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000001", "step_00000002"]
+    after = _tensors(run / "checkpoints" / "step_00000002")  # the new branch's step 2 (the same steps again)
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_resume_refuses_another_split_or_network(tmp_path, trained, split):
@@ -232,6 +248,39 @@ def test_image_to_image_from_another_class_records_and_regenerates(trained, spli
     for bad in ("df:df", "df:xx", "df"):
         with pytest.raises(ConfigError, match="init_from"):
             generate(trained, classes="df", per_class=1, steps=4, strength=0.5, init_from=bad)
+
+
+def test_a_folder_keeps_its_precision_and_x0_clipping_when_the_generator_changes_them(tmp_path, split):
+    """precision and clip_x0 are the folder's: regenerate uses them (not generator.json's sampling block, which a
+    resumed training rewrites) and a rerun that would draw its missing images otherwise is refused."""
+    cfg = tiny_config(split, steps=2)
+    cfg.sample.precision, cfg.sample.clip_x0 = "bf16", False  # bf16 autocast works on CPU too
+    run = train_generator(cfg, tmp_path / "gen")
+    out = generate(run, classes="df", per_class=3, steps=3, batch_size=2, out=tmp_path / "s")
+    s = json.loads((out / "samples.json").read_text())
+    assert (s["precision"], s["clip_x0"]) == ("bf16", False)
+    train_generator(tiny_config(split, steps=2), run, resume="latest")  # rewrites sampling: precision auto, clipping
+    assert read_generator_info(run)["sampling"]["precision"] == "auto"
+    df = read_manifest(out / "manifest.csv")
+    for _, row in df.iterrows():
+        assert np.array_equal(regenerate(row.to_dict()), np.asarray(Image.open(row["path"]))), row["image_id"]
+    now = read_manifest(generate(run, classes="df", per_class=3, steps=3, batch_size=2, out=tmp_path / "now")
+                        / "manifest.csv")
+    assert now["image_id"].tolist() == df["image_id"].tolist()  # precision and clip_x0 do not enter the ids
+    assert any(not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+               for a, b in zip(df["path"], now["path"]))  # ... but they do change the images
+    Path(df["path"][0]).unlink()
+    with pytest.raises(DataError, match="precision: folder has 'bf16', asked 'auto'"):
+        generate(run, classes="df", per_class=3, steps=3, out=out)
+
+
+def test_generate_like_a_raw_weights_folder_keeps_raw_weights(trained, tmp_path):
+    ref = generate(trained, classes="df", per_class=1, out=tmp_path / "ref", steps=2, batch_size=1, checkpoint="raw")
+    like = generate(None, classes="df", per_class=1, out=tmp_path / "like", seed=1, like=ref)
+    a, b = (json.loads((f / "samples.json").read_text()) for f in (ref, like))
+    assert a["weights"] == b["weights"] == "raw" and a["checkpoint_hash"] == b["checkpoint_hash"]
+    ema = generate(None, classes="df", per_class=1, out=tmp_path / "ema", seed=1, like=ref, checkpoint="ema")
+    assert json.loads((ema / "samples.json").read_text())["weights"] == "ema"  # a given choice wins
 
 
 def test_generate_like_copies_a_folders_settings_but_not_its_seed(trained, tmp_path):

@@ -1,6 +1,7 @@
 """From-scratch generator parts without a training run: UNet, guidance, EMA, data draws, seeds, folders, provenance."""
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
@@ -10,12 +11,13 @@ from dermsynth.config import ConfigError, load_config
 from dermsynth.data.labels import CLASSES
 from dermsynth.generate.config import GenConfig
 from dermsynth.generate.models import NULL_CLASS, UNET_SIZES, build_unet, count_parameters, unet_config
+from dermsynth.generate.sample import regenerate
 from dermsynth.generate.samplers import (first_step, from_uint8, initial_noise, make_scheduler, sample, to_uint8,
                                          train_scheduler)
 from dermsynth.generate.samples import (image_seed, init_order, make_item, open_samples_folder, plan_batches,
                                         png_metadata, read_png_metadata, samples_dir_name, save_sample, settings_like,
                                         settings_tag, shard)
-from dermsynth.generate.scratch_train import class_weights, draw_batch
+from dermsynth.generate.scratch_train import class_weights, draw_batch, train_rngs
 from dermsynth.io import DataError
 
 
@@ -197,6 +199,17 @@ def test_draw_batch_augments_with_the_square_symmetries():
     assert torch.all(y == 5) and x.min() >= -1 and x.max() <= 1
 
 
+def test_training_streams_are_independent_at_every_seed_and_rank():
+    """Data and noise streams never share a seed (seed * k + rank did at seed 0), and the same seed repeats them."""
+    streams = [train_rngs(seed, rank) for seed in (0, 1) for rank in (0, 1)]
+    seeds = [g.initial_seed() for r in streams for g in r.values()]
+    assert len(set(seeds)) == len(seeds) == 8
+    r = train_rngs(0, 0)
+    assert not torch.equal(torch.rand(8, generator=r["data"]), torch.rand(8, generator=r["noise"]))
+    again = train_rngs(0, 0)
+    assert [g.initial_seed() for g in again.values()] == seeds[:2]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Seeds, batches, shards, folders, PNG metadata
 # ----------------------------------------------------------------------------------------------------------------------
@@ -237,6 +250,8 @@ def test_strength_enters_the_image_ids_only_when_set():
     assert settings_tag({**s, "strength": 0.5}) not in (settings_tag(s), settings_tag({**s, "strength": 0.6}))
     assert settings_tag({**s, "strength": 0.5, "init_from": None}) == settings_tag({**s, "strength": 0.5})
     assert settings_tag({**s, "strength": 0.5, "init_from": {"df": "nv"}}) != settings_tag({**s, "strength": 0.5})
+    # precision and clip_x0 were always recorded but never hashed: checked on reopening, ids unchanged
+    assert settings_tag({**s, "precision": "bf16", "clip_x0": False}) == "f57bb3e2"
 
 
 def test_samples_dir_name():
@@ -253,6 +268,10 @@ def test_samples_folder_refuses_other_settings(tmp_path):
         open_samples_folder(tmp_path, {**s, "guidance": 3.0})
     with pytest.raises(DataError, match="batch_size"):
         open_samples_folder(tmp_path, {**s, "batch_size": 16})
+    open_samples_folder(tmp_path / "p", {**s, "precision": "auto", "clip_x0": True})
+    for k, v in (("precision", "bf16"), ("clip_x0", False)):
+        with pytest.raises(DataError, match=k):
+            open_samples_folder(tmp_path / "p", {**s, "precision": "auto", "clip_x0": True, k: v})
 
 
 def test_settings_like_keeps_an_sd_folders_checkpoint_by_its_step(tmp_path):
@@ -267,6 +286,14 @@ def test_settings_like_keeps_an_sd_folders_checkpoint_by_its_step(tmp_path):
     assert (got["sampler"], got["steps"], got["guidance"], got["batch_size"]) == ("dpmpp", 25, 7.5, 4)
     assert settings_like(tmp_path / "samples", gen_run=tmp_path / "other")["checkpoint"] == "latest"
     assert settings_like(tmp_path / "samples", checkpoint="step_00000100")["checkpoint"] == "step_00000100"
+
+
+def test_regenerate_of_an_sd_image_says_how_to_redraw_it(tmp_path):
+    (tmp_path / "generator.json").write_text(json.dumps({"kind": "sd15_lora"}))
+    row = {"generator": str(tmp_path), "image_id": "syn-0123abcd-df-000000", "checkpoint_hash": "0123456789abcdef"}
+    with pytest.raises(ConfigError, match="implemented for from-scratch.*'sd15_lora' run.*rerun the `dermsynth "
+                                          "generate` command"):
+        regenerate(row)
 
 
 def test_png_metadata_round_trip(tmp_path):

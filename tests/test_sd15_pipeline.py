@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -21,10 +22,11 @@ from dermsynth.data.split import SplitConfig, load_split, make_split
 from dermsynth.generate.config import GenConfig, GenDataConfig
 from dermsynth.generate.sd15 import adapters
 from dermsynth.generate.sd15.config import SDConfig
-from dermsynth.generate.sd15.sample import (build_pipeline, generate_sd, initial_latents, load_trained_pipeline,
-                                            sample_latents)
+from dermsynth.generate.sd15.sample import (build_pipeline, checkpoint_hash, generate_sd, initial_latents,
+                                            load_trained_pipeline, sample_latents)
 from dermsynth.generate.sd15.train import STATE_FILE, SDLoraTrainer, class_prompt, train_sd_lora
 from dermsynth.generate.sd15.weights import load_components
+from dermsynth.io import DataError
 
 CPU = torch.device("cpu")
 
@@ -234,6 +236,43 @@ def test_resume_latest_equals_an_uninterrupted_run(toy, trained, tmp_path):
     assert pd.read_csv(out / "summary.csv")["step"].tolist() == [2, 4]
 
 
+def test_resuming_from_an_older_checkpoint_by_name_drops_the_newer_ones(toy, tmp_path, caplog):
+    """--resume step_00000001 finds the run's own checkpoint by name; steps 2-3 of the abandoned continuation are
+    deleted (and named in the log), so the new branch's checkpoints are kept and ``latest`` is the new branch."""
+    out = tmp_path / "run"
+    kw = dict(checkpoint_every=1, keep_checkpoints=5, validate_every=0)
+    train_sd_lora(gen_config(toy, steps=3, **kw), out)
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [f"step_0000000{i}" for i in (1, 2, 3)]
+    with caplog.at_level(logging.WARNING, logger="dermsynth"):
+        train_sd_lora(gen_config(toy, steps=2, **kw), out, resume="step_00000001")
+    assert "['step_00000002', 'step_00000003']" in caplog.text
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000001", "step_00000002"]
+    with pytest.raises(ConfigError, match=r"step_00000009.*available: \['step_00000001', 'step_00000002'\]"):
+        train_sd_lora(gen_config(toy, steps=2, **kw), out, resume="step_00000009")
+
+
+def test_resume_refuses_a_split_remade_at_the_same_path(toy, tmp_path):
+    """Same data.split path, other lesions: the fingerprint kept in the checkpoint (or, for checkpoints written
+    before it was, in generator.json) refuses the resume, naming both."""
+    manifest = toy["split"].parents[1] / "manifest.csv"
+    split = make_split(manifest, tmp_path / "split", SplitConfig(fractions=(0.5, 0.25, 0.25)))
+    cfg = gen_config(toy, steps=1, validate_every=0)
+    cfg.data.split = str(split)
+    out = train_sd_lora(cfg, tmp_path / "run")
+    was = load_split(split).fingerprint
+    make_split(manifest, tmp_path / "split", SplitConfig(fractions=(0.5, 0.25, 0.25), seed=1))
+    now = load_split(split).fingerprint
+    assert now != was
+    with pytest.raises(DataError, match=f"fingerprint {was[:12]}.*fingerprint {now[:12]}"):
+        train_sd_lora(cfg, out, resume="latest")
+    state_file = out / "checkpoints" / "step_00000001" / STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    assert state.pop("split_fingerprint") == was
+    torch.save(state, state_file)  # as saved before checkpoints kept the fingerprint
+    with pytest.raises(DataError, match=f"fingerprint {was[:12]}.*fingerprint {now[:12]}"):
+        train_sd_lora(cfg, out, resume="latest")
+
+
 def test_checkpoints_every_m_minutes(toy, tmp_path):
     cfg = gen_config(toy, steps=3, checkpoint_every=0, checkpoint_minutes=1e-9, keep_checkpoints=5, validate_every=0)
     train_sd_lora(cfg, tmp_path / "run")  # every step is "overdue"
@@ -279,3 +318,25 @@ def test_generate_writes_the_samples_folder_and_resumes(trained):
     with pytest.raises(Exception, match="other settings"):
         generate_sd(trained["run"], classes="df", per_class=1, steps=2, guidance=3.0, seed=0, batch_size=1,
                     out=folder)
+
+
+def test_a_samples_folder_takes_more_classes_later(trained, tmp_path):
+    """The checkpoint hash covers every class the run learnt, so a folder begun with df can take vasc later; a folder
+    begun before (hashed over df alone) keeps its hash and so its image ids."""
+    from dermsynth.generate import samples as S
+
+    out = generate_sd(trained["run"], classes="df", per_class=1, steps=2, batch_size=1, out=tmp_path / "s")
+    generate_sd(trained["run"], classes="df,vasc", per_class=1, steps=2, out=out)
+    assert sorted(read_manifest(out / "manifest.csv")["label"]) == ["df", "vasc"]
+
+    legacy = tmp_path / "legacy"
+    old = json.loads((out / S.SAMPLES_JSON).read_text())
+    old["checkpoint_hash"] = checkpoint_hash(trained["run"] / "checkpoints" / "step_00000004", ["df"])
+    old["prompts"] = {"df": old["prompts"]["df"]}
+    legacy.mkdir()
+    (legacy / S.SAMPLES_JSON).write_text(json.dumps(old))
+    generate_sd(trained["run"], classes="df,vasc", per_class=1, steps=2, out=legacy)
+    assert json.loads((legacy / S.SAMPLES_JSON).read_text())["checkpoint_hash"] == old["checkpoint_hash"]
+    ids = read_manifest(legacy / "manifest.csv")["image_id"]
+    assert ids.str.startswith(f"syn-{S.settings_tag(old)}-").all()
+    assert not set(ids) & set(read_manifest(out / "manifest.csv")["image_id"])

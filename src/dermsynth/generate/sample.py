@@ -23,9 +23,10 @@ from dermsynth.data.labels import CLASSES, parse_classes
 from dermsynth.generate.models import load_unet, weights_file
 from dermsynth.generate.provenance import check_split_fingerprint, read_generator_info
 from dermsynth.generate.samplers import SAMPLERS, first_step, from_uint8, make_scheduler, sample, to_uint8
-from dermsynth.generate.samples import (SampleBatch, SampleItem, SamplePlan, image_seed, init_label, init_order,
-                                        missing, open_samples_folder, parse_init_from, plan_batches, samples_dir_name,
-                                        save_sample, settings_like, settings_tag, shard, write_samples_manifest)
+from dermsynth.generate.samples import (SAMPLES_JSON, SampleBatch, SampleItem, SamplePlan, image_seed, init_label,
+                                        init_order, missing, open_samples_folder, parse_init_from, plan_batches,
+                                        samples_dir_name, save_sample, settings_like, settings_tag, shard,
+                                        write_samples_manifest)
 from dermsynth.generate.scratch_train import STATE_JSON, list_checkpoints, resolve_checkpoint, train_rows
 from dermsynth.io import DataError, sha256_file
 from dermsynth.paths import RunPaths
@@ -39,9 +40,9 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
              init_from: Mapping[str, str] | str | None = None) -> Path:
     """Write ``per_class`` images of each class (resuming: existing images are kept); returns the samples folder.
 
-    ``like``: a samples folder whose generator, checkpoint, sampler, steps, guidance, batch size and strength are
-    the defaults (see :func:`settings_like`); it needs an explicit ``seed``. Otherwise unset settings come from the
-    generator's own sampling config, seed 0, the latest checkpoint, strength 1.
+    ``like``: a samples folder whose generator, checkpoint, weights (EMA or raw), sampler, steps, guidance, batch size
+    and strength are the defaults (see :func:`settings_like`); it needs an explicit ``seed``. Otherwise unset settings
+    come from the generator's own sampling config, seed 0, the latest checkpoint, strength 1.
 
     strength < 1 makes each image a variation of one of the class's real TRAIN images (image-to-image: the real image
     noised to that fraction of the schedule, then denoised); 1 samples from pure noise. ``init_from`` ("df:nv,vasc:nv"
@@ -49,12 +50,14 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
     on the class drawn (major-to-minor translation: the rare class borrows the layouts, skin and framing of a
     common one).
     """
+    weights = None  # from the checkpoint argument and the generator's sampling.use_ema, unless drawing like a folder
     if like is not None:
         if seed is None:
             raise ConfigError(f"drawing like {like} needs a seed (--seed): its own seed would draw the same images")
         a = settings_like(like, gen_run, sampler, steps, guidance, batch_size, checkpoint, strength, init_from)
         gen_run, sampler, steps, guidance = a["gen_run"], a["sampler"], a["steps"], a["guidance"]
         batch_size, checkpoint, strength, init_from = a["batch_size"], a["checkpoint"], a["strength"], a["init_from"]
+        weights = a["weights"]
     if gen_run is None:
         raise ConfigError("generate needs a generator run (--gen) or a samples folder to draw like (--like)")
     seed, checkpoint = seed or 0, checkpoint or "latest"
@@ -79,11 +82,11 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
 
     state = PartialState()
     plan = plan_scratch(gen_run, info, classes, per_class, out, sampler, steps, guidance, seed, batch_size,
-                        checkpoint, strength, write=state.is_main_process, init_from=init_from)
+                        checkpoint, strength, write=state.is_main_process, init_from=init_from, weights=weights)
     if state.num_processes > 1:  # the others read the samples.json the main process just wrote
         state.wait_for_everyone()
         plan = plan_scratch(gen_run, info, classes, per_class, out, sampler, steps, guidance, seed, batch_size,
-                            checkpoint, strength, write=False, init_from=init_from)
+                            checkpoint, strength, write=False, init_from=init_from, weights=weights)
     with run_log(plan.folder) if state.is_main_process else contextlib.nullcontext():
         run_shard(plan, state.process_index, state.num_processes, state.device)
         state.wait_for_everyone()
@@ -97,8 +100,10 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
 def plan_scratch(gen_run: Path, info: Mapping[str, Any], classes: str | list[str], per_class: int,
                  out: str | Path | None, sampler: str | None, steps: int | None, guidance: float | None, seed: int,
                  batch_size: int | None, checkpoint: str, strength: float = 1.0, write: bool = True,
-                 init_from: Mapping[str, str] | None = None) -> SamplePlan:
-    """Resolve defaults, checkpoint and folder; check (or create) the folder's samples.json; list the batches."""
+                 init_from: Mapping[str, str] | None = None, weights: str | None = None) -> SamplePlan:
+    """Resolve defaults, checkpoint and folder; check (or create) the folder's samples.json; list the batches.
+
+    ``weights``: "ema" or "raw"; None = raw when ``checkpoint`` is "raw" or the generator samples without EMA."""
     wanted = parse_classes(classes)
     unknown = [c for c in wanted if c not in info["classes"]]
     if unknown:
@@ -111,7 +116,8 @@ def plan_scratch(gen_run: Path, info: Mapping[str, Any], classes: str | list[str
     guidance = float(guidance if guidance is not None else defaults.get("guidance", 2.0))
     if strength != 1.0:
         first_step(steps, strength)  # refuses a strength that leaves no step, before anything is written
-    weights = "raw" if checkpoint == "raw" or not defaults.get("use_ema", True) else "ema"
+    if weights is None:
+        weights = "raw" if checkpoint == "raw" or not defaults.get("use_ema", True) else "ema"
     ckpt = resolve_checkpoint(gen_run, checkpoint)
     step = int(json.loads((ckpt / STATE_JSON).read_text())["step"])
     settings: dict[str, Any] = {
@@ -217,10 +223,32 @@ def run_shard(plan: SamplePlan, rank: int, world: int, device: Any = "cpu") -> l
     return written
 
 
+def drawn_with(row: Mapping[str, Any], info: Mapping[str, Any]) -> tuple[str, bool]:
+    """(precision, clip_x0) that the image of manifest ``row`` was drawn with: its samples folder's (the samples.json
+    above images/<class>/), not the generator's sampling block, which a resumed training run rewrites. Where the folder
+    is gone or does not record them, the generator's values (those a folder would have recorded) stand in."""
+    path = Path(str(row.get("path", ""))).parents[2] / SAMPLES_JSON if row.get("path") else None
+    folder = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    if str(folder.get("checkpoint_hash")) != str(row.get("checkpoint_hash")):
+        get_logger("generate").warning("%s: no samples.json of its folder found above %s; regenerating with the "
+                                       "generator's sampling settings", row.get("image_id"), row.get("path"))
+        folder = {}
+    defaults = info.get("sampling", {})
+    precision = folder.get("precision", defaults.get("precision", "auto"))
+    return str(precision), bool(folder.get("clip_x0", defaults.get("clip_x0", True)))
+
+
 def regenerate(row: Mapping[str, Any], device: str = "cpu") -> np.ndarray:
-    """Remake one image (HxWx3 uint8) from its manifest row: same checkpoint (by hash), seeds and batch."""
+    """Remake one image (HxWx3 uint8) from its manifest row: same checkpoint (by hash), seeds, batch, precision and
+    x0 clipping. From-scratch runs only (an SD folder remakes its missing images when its command is rerun)."""
     gen_run = Path(str(row["generator"]))
     info = read_generator_info(gen_run)
+    if info.get("kind") != "scratch":
+        raise ConfigError(
+            f"{row.get('image_id')}: regenerating a single image is implemented for from-scratch ('scratch') "
+            f"generator runs; {gen_run} is a {info.get('kind')!r} run. To redraw images of an SD samples folder, "
+            f"delete their PNGs and rerun the `dermsynth generate` command that made the folder (same --gen, "
+            f"--classes, --per-class, --seed and --out): a folder remakes its missing images from their seeds")
     weights = str(row.get("weights", "ema"))
     want = str(row["checkpoint_hash"])
     ckpt = next((c for c in reversed(list_checkpoints(gen_run))
@@ -241,9 +269,9 @@ def regenerate(row: Mapping[str, Any], device: str = "cpu") -> np.ndarray:
         source = label if source is None or pd.isna(source) else str(source)
         init = init_batch(build_cache(df, int(info["image_size"]), progress=False),
                           init_sources(df, label, base, source), SampleBatch(label, number, tuple(seeds), ()))
+    precision, clip_x0 = drawn_with(row, info)
     unet = load_unet(ckpt, weights, device)
-    scheduler = make_scheduler(str(row["sampler"]), info["schedule"], bool(info.get("sampling", {}).get("clip_x0", True)))
+    scheduler = make_scheduler(str(row["sampler"]), info["schedule"], clip_x0)
     images = sample(unet, scheduler, [CLASSES.index(label)] * bs, seeds, int(row["steps"]), float(row["guidance"]),
-                    "no" if torch.device(device).type == "cpu" else "auto", init,
-                    1.0 if init is None else float(strength))
+                    precision, init, 1.0 if init is None else float(strength))
     return to_uint8(images)[index - number * bs].numpy()

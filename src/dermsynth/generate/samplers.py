@@ -122,5 +122,6 @@ def from_uint8(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8(images: torch.Tensor) -> "torch.Tensor":
-    """[-1, 1] NCHW float -> NHWC uint8 (round half up, as PIL would)."""
+    """[-1, 1] NCHW float -> NHWC uint8, rounded to nearest (torch.round: an exact half goes to the even neighbour,
+    as numpy's round does in diffusers' ``numpy_to_pil``)."""
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

@@ -38,11 +38,15 @@ METADATA_PREFIX = "dermsynth:"
 IPTC_TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 # Settings that define what is in a samples folder: resuming with any of them changed would mix two generators.
 FIXED_SETTINGS = ("kind", "checkpoint_hash", "weights", "sampler", "steps", "guidance", "seed", "batch_size",
-                  "image_size", "strength", "init_from")
+                  "image_size", "strength", "init_from", "precision", "clip_x0")
 # Fixed settings added later: unset (None) in older folders, so they enter the image-id hash only when set, and the
 # ids of a folder made before them stay the same. strength: image-to-image sampling (None = from pure noise);
 # init_from: image-to-image from another class's real images ({target class: source class}; None = its own class).
 LATER_SETTINGS = ("strength", "init_from")
+# Fixed settings that samples.json has always recorded but the image-id hash never covered: checked when a folder is
+# reopened (its missing images must be drawn as the others were), kept out of the hash so that no folder's ids change.
+# precision: autocast of the sampling UNet ("auto", "no", "bf16", "fp16"); clip_x0: clamp of the predicted x0.
+UNHASHED_SETTINGS = ("precision", "clip_x0")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -65,8 +69,8 @@ def image_seed(base_seed: int, label: str, index: int) -> int:
 
 def settings_tag(settings: dict[str, Any]) -> str:
     """Short hash of a folder's fixed settings, used in image ids so two folders never share an id."""
-    canon = json.dumps({k: settings.get(k) for k in FIXED_SETTINGS
-                        if k not in LATER_SETTINGS or settings.get(k) is not None}, sort_keys=True)
+    canon = json.dumps({k: settings.get(k) for k in FIXED_SETTINGS if k not in UNHASHED_SETTINGS
+                        and (k not in LATER_SETTINGS or settings.get(k) is not None)}, sort_keys=True)
     return hashlib.sha256(canon.encode()).hexdigest()[:8]
 
 
@@ -153,14 +157,6 @@ def missing(batch: SampleBatch, folder: Path) -> list[SampleItem]:
     return [it for it in batch.items if not (folder / it.relpath).is_file()]
 
 
-def current_process() -> tuple[int, int]:
-    """(rank, world size) under ``accelerate launch``; (0, 1) otherwise."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    return state.process_index, state.num_processes
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Folder settings
 # ----------------------------------------------------------------------------------------------------------------------
@@ -212,16 +208,19 @@ def settings_like(folder: str | Path, gen_run: str | Path | None = None, sampler
 
     For drawing another set like an existing one (held-out images, more seeds). The seed is not copied: the same
     seed would draw the same images. The checkpoint is copied only for the same generator: the folder's checkpoint
-    path, or (SD folders record only the step) the run's checkpoint of that step.
+    path, or (SD folders record only the step) the run's checkpoint of that step. The weights (from-scratch folders:
+    "ema" or "raw") are the folder's too, unless ``checkpoint`` is "ema" or "raw" (then None: it decides).
     """
     s = read_samples_settings(folder)
     gen = Path(gen_run if gen_run is not None else s["generator"])
+    own = checkpoint not in ("ema", "raw") and s.get("weights") in ("ema", "raw")  # SD folders record "lora"
+    weights = s["weights"] if own else None
     if checkpoint is None and gen.resolve() == Path(s["generator"]).resolve():
         step = int(s.get("checkpoint_step", -1))
         checkpoint = s.get("checkpoint") or (str(RunPaths(gen).checkpoint(step)) if step >= 0 else None)
     return {"gen_run": gen, "sampler": sampler or s.get("sampler"), "steps": steps or s.get("steps"),
             "guidance": guidance if guidance is not None else s.get("guidance"),
-            "batch_size": batch_size or s.get("batch_size"), "checkpoint": checkpoint or "latest",
+            "batch_size": batch_size or s.get("batch_size"), "checkpoint": checkpoint or "latest", "weights": weights,
             "strength": strength if strength is not None else (s.get("strength") or 1.0),
             "init_from": init_from if init_from is not None else s.get("init_from")}
 

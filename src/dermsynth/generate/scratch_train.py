@@ -13,6 +13,7 @@ Run folder:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -93,6 +94,19 @@ def draw_batch(images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
     return x, to_device(labels[idx], device)
 
 
+def train_rngs(seed: int, rank: int, device: torch.device | str = "cpu") -> dict[str, torch.Generator]:
+    """The loop's random streams: "data" (batches, augmentation, label dropout, timesteps; CPU) and "noise" (the
+    diffusion noise, on ``device``), each seeded from a hash of (seed, rank, stream name) so that no two streams or
+    ranks share a seed (arithmetic seeds such as seed * k + rank coincide at seed 0, and on CPU the noise would then
+    replay the uniforms that drew the batch)."""
+    def stream(name: str) -> int:
+        digest = hashlib.sha256(f"dermsynth-train:{seed}:{rank}:{name}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+    return {"data": torch.Generator().manual_seed(stream("data")),
+            "noise": torch.Generator(device=device).manual_seed(stream("noise"))}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints: atomic folders, rotation, latest
 # ----------------------------------------------------------------------------------------------------------------------
@@ -119,6 +133,19 @@ def resolve_checkpoint(run: str | Path, which: str | Path = "latest") -> Path:
             return cand
     raise DataError(f"checkpoint {which!r} not found (or incomplete) for run {run}; use 'latest' or one of "
                     f"{[c.name for c in list_checkpoints(run)]}")
+
+
+def drop_newer_checkpoints(run: str | Path, step: int) -> list[Path]:
+    """Delete the checkpoints of ``run`` past ``step``; returns them. Called when a run resumes from an older
+    checkpoint: those belong to the abandoned continuation, and rotation keeps the highest steps, so left in place they
+    would push out the new branch's checkpoints and stay ``latest``."""
+    newer = [p for p in list_checkpoints(run) if int(p.name.split("_")[1]) > step]
+    if newer:
+        get_logger("generate").warning("resuming %s from step %d: deleting the newer checkpoints %s of the run it "
+                                       "replaces", run, step, [p.name for p in newer])
+    for p in newer:
+        shutil.rmtree(p)
+    return newer
 
 
 def _save_torch(obj: Any, path: Path) -> None:
@@ -348,11 +375,12 @@ def train_scratch(cfg: GenConfig, out: str | Path, resume: str | Path | None = N
             unet.to(memory_format=torch.channels_last)
         ema = EMAModel(unet.parameters(), decay=t.ema_decay)
         opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-        rngs = {"data": torch.Generator().manual_seed(t.seed * 1_000_003 + rank),
-                "noise": torch.Generator(device=device).manual_seed(t.seed * 1_000_033 + rank)}
+        rngs = train_rngs(t.seed, rank, device)
         start = load_checkpoint(ckpt, unet, ema, opt, rngs, rank) if ckpt is not None else 0
         if ckpt is not None:
             log.info("resumed from %s (step %d)", ckpt, start)
+            if acc.is_main_process:
+                drop_newer_checkpoints(out, start)
         if acc.is_main_process:
             save_config(cfg, paths.config)
             write_generator_info(out, generator_info(

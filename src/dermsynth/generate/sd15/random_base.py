@@ -81,14 +81,15 @@ def random_components(size: str = "tiny", seed: int = 0) -> dict[str, Any]:
     unet_cfg, vae_cfg, text_cfg = (TINY_UNET, TINY_VAE, TINY_TEXT) if tiny else (SD15_UNET, SD15_VAE, SD15_TEXT)
     tokenizer = byte_clip_tokenizer()
     text_cfg = {**text_cfg, "vocab_size": max(text_cfg.get("vocab_size", 0), len(tokenizer))}
-    torch.manual_seed(seed)
-    return {
-        "tokenizer": tokenizer,
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**text_cfg)).eval(),
-        "vae": AutoencoderKL(**vae_cfg).eval(),
-        "unet": UNet2DConditionModel(**unet_cfg).eval(),
-        "scheduler": PNDMScheduler(**SD15_SCHEDULER),
-    }
+    with torch.random.fork_rng(devices=[]):  # the weights depend on ``seed`` only; the caller's RNG is left alone
+        torch.manual_seed(seed)
+        return {
+            "tokenizer": tokenizer,
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**text_cfg)).eval(),
+            "vae": AutoencoderKL(**vae_cfg).eval(),
+            "unet": UNet2DConditionModel(**unet_cfg).eval(),
+            "scheduler": PNDMScheduler(**SD15_SCHEDULER),
+        }
 
 
 def random_pipeline(size: str = "tiny", seed: int = 0):

@@ -185,6 +185,22 @@ def checkpoint_hash(ckpt: Path, classes: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def folder_checkpoint_hash(folder: Path, ckpt: Path, trained: list[str]) -> str:
+    """The checkpoint hash of a samples folder of ``ckpt``: over the embeddings of every class the run learnt
+    (``trained``), so that one folder can take more classes later. A folder started before (hashed over the classes
+    its first call asked for, those of its recorded prompts) keeps its own hash when those files still give it, so
+    its image ids stay the same."""
+    new = checkpoint_hash(ckpt, trained)
+    if not (folder / S.SAMPLES_JSON).is_file():
+        return new
+    old = S.read_samples_settings(folder)
+    first = list(old.get("prompts") or {})
+    if (old.get("checkpoint_hash") != new and first and set(first) <= set(trained)
+            and old.get("checkpoint_hash") == checkpoint_hash(ckpt, first)):
+        return old["checkpoint_hash"]
+    return new
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # generate
 # ----------------------------------------------------------------------------------------------------------------------
@@ -221,7 +237,8 @@ def generate_sd(gen_run: str | Path, classes: str | Sequence[str] = "df,vasc,mel
     if batch_size is None and not (folder / S.SAMPLES_JSON).is_file():
         batch_size = sd.sample_batch_size
     wanted = {
-        "generator": str(run.root.resolve()), "kind": KIND, "checkpoint_hash": checkpoint_hash(ckpt, classes),
+        "generator": str(run.root.resolve()), "kind": KIND,
+        "checkpoint_hash": folder_checkpoint_hash(folder, ckpt, list(info["classes"])),
         "checkpoint_step": step, "weights": "lora", "sampler": sampler, "steps": steps, "guidance": guidance,
         "seed": seed, "batch_size": batch_size, "image_size": sd.resolution, "split": info["split"],
         "split_fingerprint": info["split_fingerprint"], "base": info.get("base"),

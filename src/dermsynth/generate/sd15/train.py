@@ -389,11 +389,39 @@ def _resume_point(run: RunPaths, resume: str | Path | None) -> Path | None:
         return None
     if str(resume) == "latest":
         return found[-1] if found else None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}); "
-                          f"available: {[p.name for p in found]}")
-    return path
+    for path in (Path(resume), run.checkpoints / str(resume)):  # a folder, or a step_XXXXXXXX name of this run
+        if (path / STATE_FILE).is_file():
+            return path
+    raise ConfigError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}); "
+                      f"available: {[p.name for p in found]}")
+
+
+def _drop_newer_checkpoints(run: RunPaths, step: int) -> list[Path]:
+    """Delete the checkpoints past ``step`` when a run resumes from an older one: they belong to the abandoned
+    continuation, and rotation keeps the highest steps, so left in place they would push out the new branch's
+    checkpoints and stay ``latest``."""
+    newer = [p for p in checkpoints(run) if int(p.name.split("_")[1]) > step]
+    if newer:
+        log.warning("resuming %s from step %d: deleting the newer checkpoints %s of the run it replaces", run.root,
+                    step, [p.name for p in newer])
+    for p in newer:
+        shutil.rmtree(p)
+    return newer
+
+
+def _check_resume_split(run: RunPaths, ckpt: Path, split: Split) -> None:
+    """A resumed run must learn from the split it started on: the same data.split path is not enough, the file may
+    have been remade with other lesions in the train part (and this split's test lesions then in the generator)."""
+    from dermsynth.generate.provenance import GENERATOR_JSON, read_generator_info
+
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    was = state.get("split_fingerprint")
+    if was is None and (run.root / GENERATOR_JSON).is_file():  # checkpoints saved before they kept the fingerprint
+        was = read_generator_info(run.root).get("split_fingerprint")
+    if was is not None and was != split.fingerprint:
+        raise DataError(f"cannot resume {ckpt}: it was trained on a split with fingerprint {str(was)[:12]}..., but "
+                        f"data.split {split.path} now has fingerprint {split.fingerprint[:12]}... (remade?); resume "
+                        f"it with the split it was trained on or start a new run folder")
 
 
 def _check_resume_config(run: RunPaths, cfg: Any) -> None:
@@ -476,10 +504,12 @@ def train_sd_lora(cfg: Any, out: str | Path, resume: str | Path | None = None) -
     state = PartialState(cpu=sd.device == "cpu" or not torch.cuda.is_available())  # cpu: gloo process group
     main, world = state.is_main_process, state.num_processes
     with run_log(run.root) if main else contextlib.nullcontext():
+        split = load_split(cfg.data.split)
+        if start_from is not None:
+            _check_resume_split(run, start_from, split)
         state.wait_for_everyone()  # everyone has read the old config before the main process rewrites it
         if main:
             save_config(cfg, run.config)
-        split = load_split(cfg.data.split)
         train_df = class_rows(split, "train", classes)
         missing = [c for c in classes if not (train_df["label"] == c).any()]
         if missing:
@@ -495,6 +525,8 @@ def train_sd_lora(cfg: Any, out: str | Path, resume: str | Path | None = None) -
             saved = trainer.load(start_from)
             step, wall_before = int(saved["step"]), float(saved["wall_s"])
             log.info("resumed from %s at step %d", start_from, step)
+            if main:
+                _drop_newer_checkpoints(run, step)
         if main:
             _provenance(run, cfg, split, parts, train_df, step, world)
         log.info("SD-1.5 LoRA: %d train images of %s (%s), %d held-out, %d process(es) x batch %d x %d accumulated, "
@@ -533,8 +565,8 @@ def train_sd_lora(cfg: Any, out: str | Path, resume: str | Path | None = None) -
 
         def checkpoint(step: int) -> None:
             nonlocal last_ckpt, saved_step
-            save_checkpoint(run, trainer, step, {"wall_s": wall_before + time.monotonic() - t0}, sd.keep_checkpoints,
-                            state)
+            save_checkpoint(run, trainer, step, {"wall_s": wall_before + time.monotonic() - t0,
+                                                 "split_fingerprint": split.fingerprint}, sd.keep_checkpoints, state)
             if main:
                 _provenance(run, cfg, split, parts, train_df, step, world)
             last_ckpt, saved_step = time.monotonic(), step
