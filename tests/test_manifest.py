@@ -90,9 +90,11 @@ def test_class_counts_lists_every_class():
 
 def test_ids_stay_strings(tmp_path):
     m = tmp_path / "manifest.csv"
-    write_manifest(frame(["a.jpg"]).assign(image_id="007", group_id="0010"), m)
+    # a synthetic row's checkpoint hash of digits only, or one that reads as a float, stays the hash
+    write_manifest(frame(["a.jpg"]).assign(image_id="007", group_id="0010", checkpoint_hash="1234567e89012345"), m)
     back = read_manifest(m)
     assert back["image_id"].item() == "007" and back["group_id"].item() == "0010"
+    assert back["checkpoint_hash"].item() == "1234567e89012345"
     assert Path(back["path"].item()).name == "a.jpg"
 
 

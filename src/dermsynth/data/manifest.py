@@ -91,8 +91,9 @@ def read_manifest(path: str | Path, check_files: bool = False) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest not found: {path}")
-    df = read_csv_checked(path, dtype={"image_id": str, "group_id": str, "path": str, "source": str, "label": str},
-                          keep_default_na=False, na_values=[""])
+    # ids and hashes stay text: a hex hash of digits only (or "123e45...") would otherwise come back a number
+    text = ("image_id", "group_id", "path", "source", "label", "checkpoint_hash", "init_image_id")
+    df = read_csv_checked(path, dtype=dict.fromkeys(text, str), keep_default_na=False, na_values=[""])
     df = validate_manifest(df, str(path))
     root = str(path.parent.resolve())
     df["path"] = [_resolve_under(p, root, f"{path}, row {i + 2}") for i, p in enumerate(df["path"])]
