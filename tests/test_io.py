@@ -18,7 +18,7 @@ from PIL import Image, ImageFile
 
 from dermsynth import io as dio
 from dermsynth.io import (DataError, atomic_open, atomic_save_image, atomic_save_npy, atomic_write_csv,
-                          atomic_write_json, atomic_write_text, image_array, load_image, sha256_file)
+                          atomic_write_json, atomic_write_text, image_array, load_image, read_json, sha256_file)
 from dermsynth.runlog import LOGGER_NAME, run_log
 
 
@@ -200,3 +200,18 @@ def test_run_log_restores_the_logger_level(tmp_path):
     finally:
         logger.setLevel(before)
     assert "into the file" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_read_json_names_the_file_when_it_is_absent_or_corrupt(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text('{"a": 1}')
+    assert read_json(good, "settings") == {"a": 1}
+    with pytest.raises(DataError, match="no samples here: make one"):
+        read_json(tmp_path / "absent.json", "settings", "no samples here: make one")
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"a": 1')
+    with pytest.raises(DataError, match=r"bad\.json: corrupt settings: .*; delete it"):
+        read_json(bad, "settings", hint="delete it")
+    bad.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(DataError, match=r"bad\.json: corrupt settings"):
+        read_json(bad, "settings")

@@ -59,6 +59,18 @@ def _create_temp(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
+def read_json(path: str | Path, what: str, missing: str = "", hint: str = "") -> Any:
+    """A JSON file's content; a DataError naming the file when it is absent (``missing``: what to say then) or not
+    valid JSON (``what`` the file holds, ``hint`` what to do about it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(missing or f"{path}: no {what} here")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: corrupt {what}: {e}" + (f"; {hint}" if hint else "")) from e
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(text)

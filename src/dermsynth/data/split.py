@@ -17,7 +17,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from dermsynth.data.labels import CLASSES
 from dermsynth.data.manifest import class_counts, read_manifest
-from dermsynth.io import DataError, atomic_write_json
+from dermsynth.io import DataError, atomic_write_json, read_json
 from dermsynth.paths import split_path
 
 PARTS = ("train", "val", "test")
@@ -220,12 +220,7 @@ def load_split(path: str | Path) -> Split:
     path = Path(path)
     if path.is_dir():
         path = split_path(path)
-    if not path.is_file():
-        raise DataError(f"split not found: {path}")
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: corrupt split file: {e}") from e
+    info = read_json(path, "split file", f"split not found: {path}")
     manifest_path = Path(info["manifest"])
     if not manifest_path.is_absolute():
         manifest_path = (path.parent / manifest_path).resolve()

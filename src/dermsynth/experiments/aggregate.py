@@ -16,7 +16,6 @@ The best baseline is chosen on the VALIDATION part; the test part is only ever r
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from dermsynth.data.labels import CLASSES
 from dermsynth.experiments.ensemble import seed_ensembles
 from dermsynth.experiments.stats import (BOOT_METRICS, detectable_over_lesions, detectable_over_seeds,
                                         lesion_bootstrap_diff, mean_ci, paired_t, read_predictions)
-from dermsynth.io import DataError, atomic_write_csv, atomic_write_json
+from dermsynth.io import DataError, atomic_write_csv, atomic_write_json, read_json
 from dermsynth.paths import RunPaths, StudyPaths
 
 HEADLINE = ("macro_f1", "minority_f1", "balanced_accuracy", "accuracy", "auc_macro_ovr", "minority_auc")
@@ -61,12 +60,8 @@ SEED_CRITERIA: tuple[Criterion, ...] = (
 
 def _read_metrics(run: Path) -> dict:
     path = RunPaths(run).metrics
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: missing; the classifier run did not finish (rerun the study to resume it)") from e
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: corrupt metrics file: {e}") from e
+    return read_json(path, "metrics file",
+                     f"{path}: missing; the classifier run did not finish (rerun the study to resume it)")
 
 
 def _flatten(part: Mapping[str, Any]) -> dict[str, float]:
@@ -333,10 +328,10 @@ def aggregate(study: str | Path, runs: Mapping[str, Mapping[int, Path]], baselin
 def load_aggregate(study: str | Path) -> dict[str, Any]:
     """The aggregate outputs of a study as DataFrames / dict (for the report)."""
     agg = StudyPaths(study).aggregate
-    if not (agg / "aggregate.json").is_file():
-        raise DataError(f"{agg}: no aggregate.json; run the study (or its aggregate step) first")
+    info = read_json(agg / "aggregate.json", "aggregate record",
+                     f"{agg}: no aggregate.json; run the study (or its aggregate step) first")
     read = lambda name: pd.read_csv(agg / name) if (agg / name).is_file() else pd.DataFrame()  # noqa: E731
-    return {"info": json.loads((agg / "aggregate.json").read_text()), "runs": read("runs.csv"),
+    return {"info": info, "runs": read("runs.csv"),
             "table": read("table.csv"), "comparisons": read("comparisons.csv"), "criteria": read("criteria.csv"),
             "ensembles": read("ensembles.csv")}
 

@@ -7,14 +7,13 @@ manifest they read, and :func:`check_split_fingerprint` checks a generator run d
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from dermsynth import __version__
 from dermsynth.data.split import Split, load_split
-from dermsynth.io import DataError, atomic_write_json
+from dermsynth.io import DataError, atomic_write_json, read_json
 from dermsynth.runlog import get_logger
 
 GENERATOR_JSON = "generator.json"
@@ -43,13 +42,8 @@ def write_generator_info(run: str | Path, info: dict[str, Any]) -> Path:
 
 def read_generator_info(run: str | Path) -> dict[str, Any]:
     """generator.json of a run; a clear error when ``run`` is not a generator run."""
-    path = Path(run) / GENERATOR_JSON
-    if not path.is_file():
-        raise DataError(f"{run} is not a generator run (no {GENERATOR_JSON}); train one with `dermsynth train-gen`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: corrupt generator info: {e}") from e
+    return read_json(Path(run) / GENERATOR_JSON, "generator info",
+                     f"{run} is not a generator run (no {GENERATOR_JSON}); train one with `dermsynth train-gen`")
 
 
 def _fingerprint_of(split: Split | str | Path) -> tuple[str, str]:
@@ -71,10 +65,8 @@ def check_split_fingerprint(gen_run: str | Path, split: Split | str | Path) -> N
 
 def check_samples_split(samples: str | Path, split: Split | str | Path) -> None:
     """Same check for a samples folder, through the fingerprint its samples.json copied from the generator."""
-    path = Path(samples) / "samples.json"
-    if not path.is_file():
-        raise DataError(f"{samples} is not a samples folder (no samples.json); make one with `dermsynth generate`")
-    settings = json.loads(path.read_text())
+    settings = read_json(Path(samples) / "samples.json", "samples settings",
+                         f"{samples} is not a samples folder (no samples.json); make one with `dermsynth generate`")
     fp, where = _fingerprint_of(split)
     if settings.get("split_fingerprint") != fp:
         raise DataError(f"samples {samples} come from a generator trained on split {settings.get('split')}, not on "
@@ -95,7 +87,7 @@ def check_manifest_split(syn: Any, split: Split, where: str) -> None:
         if not info_path.is_file():
             log.warning("%s: generator %s not found here; its split cannot be verified", where, gen)
             continue
-        fp = json.loads(info_path.read_text()).get("split_fingerprint")
+        fp = read_json(info_path, "generator info").get("split_fingerprint")
         if fp is not None and fp != split.fingerprint:
             raise DataError(f"{where}: generator {gen} was trained on another split (fingerprint {fp[:12]}... vs "
                             f"{split.fingerprint[:12]}... of {split.path}); train a generator on this split's train part")

@@ -29,7 +29,7 @@ from dermsynth import __version__
 from dermsynth.config import ConfigError
 from dermsynth.data.labels import CLASSES
 from dermsynth.data.manifest import read_manifest, write_manifest
-from dermsynth.io import DataError, atomic_save_image, atomic_write_json
+from dermsynth.io import DataError, atomic_save_image, atomic_write_json, read_json
 from dermsynth.paths import RunPaths
 
 SAMPLES_JSON = "samples.json"
@@ -170,10 +170,7 @@ def open_samples_folder(folder: str | Path, settings: dict[str, Any], write: boo
     folder = Path(folder)
     path = folder / SAMPLES_JSON
     if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: corrupt samples settings: {e}; delete the folder to start again") from e
+        old = read_json(path, "samples settings", hint="delete the folder to start again")
         if settings.get("batch_size") is None:
             settings = {**settings, "batch_size": old.get("batch_size")}
         diff = {k: (old.get(k), settings.get(k)) for k in FIXED_SETTINGS if old.get(k) != settings.get(k)}
@@ -191,13 +188,8 @@ def open_samples_folder(folder: str | Path, settings: dict[str, Any], write: boo
 
 def read_samples_settings(folder: str | Path) -> dict[str, Any]:
     """The settings a samples folder was made with (its samples.json)."""
-    path = Path(folder) / SAMPLES_JSON
-    if not path.is_file():
-        raise DataError(f"{folder} is not a samples folder (no {SAMPLES_JSON}); make one with `dermsynth generate`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: corrupt samples settings: {e}") from e
+    return read_json(Path(folder) / SAMPLES_JSON, "samples settings",
+                     f"{folder} is not a samples folder (no {SAMPLES_JSON}); make one with `dermsynth generate`")
 
 
 def settings_like(folder: str | Path, gen_run: str | Path | None = None, sampler: str | None = None,
