@@ -16,7 +16,7 @@ from dermsynth.data.labels import CLASSES, parse_classes
 from dermsynth.data.split import SplitConfig
 from dermsynth.data.toy import ToyConfig
 from dermsynth.generate.config import GenConfig
-from dermsynth.generate.samples import parse_init_from
+from dermsynth.generate.samples import image_to_image
 from dermsynth.metrics.filter import FilterConfig
 from dermsynth.metrics.quality import QualityConfig
 
@@ -250,13 +250,7 @@ def validate(cfg: StudyConfig) -> tuple[list[Condition], dict[str, float]]:
     if bad_counts:
         raise ConfigError(f"generation.per_class_of: {bad_counts}: keys must be classes ({list(CLASSES)}), "
                           f"counts >= 1")
-    if not 0.0 < cfg.generation.strength <= 1.0:
-        raise ConfigError(f"generation.strength must be in (0, 1] (1 = from pure noise), got {cfg.generation.strength}")
-    if cfg.generation.init_from:
-        parse_init_from(cfg.generation.init_from)
-        if cfg.generation.strength == 1.0:
-            raise ConfigError("generation.init_from needs generation.strength < 1: from pure noise no real image is "
-                              "used")
+    image_to_image(cfg.generation.strength, cfg.generation.init_from, "generation")
     unknown = sorted(set(cfg.quality_on) - {"samples", "filtered"})
     if unknown:
         raise ConfigError(f"quality_on: unknown set(s) {unknown}; use 'samples' and/or 'filtered'")

@@ -24,7 +24,7 @@ from dermsynth.generate.models import load_unet, weights_file
 from dermsynth.generate.provenance import check_split_fingerprint, read_generator_info
 from dermsynth.generate.samplers import SAMPLERS, first_step, from_uint8, make_scheduler, sample, to_uint8
 from dermsynth.generate.samples import (SAMPLES_JSON, SampleBatch, SampleItem, SamplePlan, image_seed, init_label,
-                                        init_order, missing, open_samples_folder, parse_init_from, plan_batches,
+                                        image_to_image, init_order, missing, open_samples_folder, plan_batches,
                                         samples_dir_name, save_sample, settings_like, settings_tag, shard,
                                         write_samples_manifest)
 from dermsynth.generate.scratch_train import STATE_JSON, list_checkpoints, resolve_checkpoint, train_rows
@@ -62,10 +62,7 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
         raise ConfigError("generate needs a generator run (--gen) or a samples folder to draw like (--like)")
     seed, checkpoint = seed or 0, checkpoint or "latest"
     strength = 1.0 if strength is None else strength
-    init_from = parse_init_from(init_from)
-    if init_from and strength == 1.0:
-        raise ConfigError(f"init_from {init_from}: image-to-image sources need a strength < 1 (from pure noise no "
-                          f"real image is used)")
+    init_from = image_to_image(strength, init_from)
     gen_run = Path(gen_run)
     info = read_generator_info(gen_run)
     if strength != 1.0 and info.get("kind") != "scratch":

@@ -126,6 +126,18 @@ def parse_init_from(text: str | Mapping[str, str] | None) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
+def image_to_image(strength: float, init_from: str | Mapping[str, str] | None, key: str = "") -> dict[str, str]:
+    """Check a strength (in (0, 1]; 1 = from pure noise) and parse ``init_from``, which needs a strength < 1, since
+    from pure noise no real image is used; returns {target: source}. ``key``: the config section in messages."""
+    k = f"{key}." if key else ""
+    if not 0.0 < strength <= 1.0:
+        raise ConfigError(f"{k}strength must be in (0, 1] (1 = from pure noise), got {strength}")
+    pairs = parse_init_from(init_from)
+    if pairs and strength == 1.0:
+        raise ConfigError(f"{k}init_from {pairs} needs {k}strength < 1: from pure noise no real image is used")
+    return pairs
+
+
 def make_item(label: str, index: int, base_seed: int, tag: str) -> SampleItem:
     image_id = f"syn-{tag}-{label}-{index:06d}"
     return SampleItem(label, index, image_seed(base_seed, label, index), image_id, f"images/{label}/{image_id}.png")
