@@ -121,6 +121,8 @@ def test_trailing_delimiter_is_read_and_an_extra_value_refused(csv_ds, ham_manif
     m.parent.mkdir()
     rewrite(ham_manifest, m, lambda i, r: r + ",")
     assert read_manifest(m)["image_id"].tolist() == read_manifest(ham_manifest)["image_id"].tolist()
+    m.write_text("\n" + m.read_text())  # a blank line before the header: the header is still not a data row
+    assert read_manifest(m)["image_id"].tolist() == read_manifest(ham_manifest)["image_id"].tolist()
     # a value beyond the header's columns (an unquoted comma in a path, say) is refused, not dropped
     rewrite(labels, labels, lambda i, r: r + "oops" if i == 2 else r)
     refused(prepare_argv("csv", csv_ds, tmp_path / "out2"), tmp_path / "out2", capsys,

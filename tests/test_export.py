@@ -99,6 +99,11 @@ def test_export_refuses_real_images_and_foreign_folders_and_replaces_an_earlier_
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="not an earlier export"):
         export_imagefolder(samples, tmp_path / "other")
+    # an earlier export with a file added by hand (a dataset repo's .git, say) is not replaced, losing it
+    (out / ".gitattributes").write_text("*.png filter=lfs")
+    with pytest.raises(DataError, match=r"holds more: \['.gitattributes'\]"):
+        export_imagefolder(samples, out)
+    assert (out / ".gitattributes").is_file()
 
     df.loc[1, "source"] = "ham10000"
     df.to_csv(samples / "manifest.csv", index=False)

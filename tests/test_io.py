@@ -180,6 +180,7 @@ def test_load_image_keeps_pil_settings_and_still_refuses_truncated_files(tmp_pat
     assert load_image(whole).size == (64, 64)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "w.png")
+    assert load_image(tmp_path / "w.png").size == (64, 64)  # a whole PNG is not taken for a truncated one
     for src in (whole, tmp_path / "w.png"):
         cut = tmp_path / f"cut{src.suffix}"
         cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])

@@ -106,9 +106,10 @@ def test_a_study_config_with_mapping_keys_swapped_is_the_same_study(tmp_path):
     assert one == other
 
 
-def test_every_unit_of_a_study_recorded_under_the_second_scheme_is_carried_over(tmp_path):
-    """Including the samples of a study that draws classes that are not rare: the second scheme listed them in
-    per_class_of's order, the third in class order."""
+def test_a_study_recorded_under_the_second_scheme_reruns_exactly_what_the_upgrade_changed(tmp_path):
+    """Carried over: every unit whose results this release leaves as they were, including the samples of a study that
+    draws classes that are not rare (the second scheme listed them in per_class_of's order, the third in class order).
+    Rerun: the filter and quality units, whose copy rule was corrected (STAGE_VERSIONS), and everything downstream."""
     units = plan(_tiny("generation.per_class_of={nv: 6, bkl: 5}"), tmp_path)[0]
     runner = UnitRunner(tmp_path, units)
     old: dict[str, str] = {}
@@ -119,8 +120,17 @@ def test_every_unit_of_a_study_recorded_under_the_second_scheme_is_carried_over(
                                     legacy_config=None)
         old[u.name] = unit_hash(u, old, scheme=2)
         _record(runner, u, old[u.name])
-    assert runner.carry_over() == len(units)
-    assert all(runner.state(u)["hash"] == u.hash for u in units)
+    changed = {"filter", "quality/samples", "quality/filtered"}
+    downstream: set[str] = set()
+    for u in units:  # upstream first
+        if set(u.upstream) & (changed | downstream):
+            downstream.add(u.name)
+    assert changed <= {u.name for u in units} and "classifier/hybrid/seed0" in downstream
+    assert "classifier/hybrid_unfiltered/seed0" not in downstream  # unfiltered samples: unchanged, carried over
+    assert runner.carry_over() == len(units) - len(changed | downstream)
+    for u in units:
+        assert (runner.state(u)["hash"] == u.hash) == (u.name not in changed | downstream), u.name
+    assert runner.carry_over() == 0  # once
 
 
 def test_a_record_of_another_config_is_still_stale(tmp_path):

@@ -29,9 +29,13 @@ def read_csv_checked(path: Path, **kwargs: Any) -> pd.DataFrame:
     """
     try:
         columns = list(pd.read_csv(path, nrows=0, **kwargs).columns)
+        # the header's line: pandas skips blank lines before it, and so must the data read below
+        with open(path, encoding=kwargs.get("encoding") or "utf-8", errors="replace") as f:
+            header = next((i for i, line in enumerate(f) if line.strip()), 0)
         # one spare column takes the value after a trailing delimiter (pandas sizes rows by the header line, so it is
         # skipped and named here); index_col=False keeps the columns in place
-        table = pd.read_csv(path, header=None, skiprows=1, names=[*columns, _SPARE], index_col=False, **kwargs)
+        table = pd.read_csv(path, header=None, skiprows=header + 1, names=[*columns, _SPARE], index_col=False,
+                            **kwargs)
     except pd.errors.EmptyDataError as e:
         raise DataError(f"{path}: the file is empty (not even a header line)") from e
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
@@ -39,7 +43,7 @@ def read_csv_checked(path: Path, **kwargs: Any) -> pd.DataFrame:
     spare = table.pop(_SPARE)
     extra = (spare.notna() & (spare.astype(str).str.strip() != "")).to_numpy().nonzero()[0]
     if len(extra):
-        raise DataError(f"{path}, row {extra[0] + 2}: more values than the header has columns {columns}; quote a value "
+        raise DataError(f"{path}, row {extra[0] + header + 2}: more values than the header has columns {columns}; quote a value "
                         f"that contains the delimiter, or remove the extra value")
     return table
 

@@ -8,7 +8,6 @@ probabilities; the test part is only scored.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -21,7 +20,7 @@ from dermsynth.classify.decision import decide, fit_decision
 from dermsynth.config import load_config
 from dermsynth.data.labels import CLASSES
 from dermsynth.experiments.stats import BOOT_METRICS, lesion_bootstrap_diff, read_predictions
-from dermsynth.io import DataError
+from dermsynth.io import DataError, read_json
 from dermsynth.metrics.classification import classification_metrics
 from dermsynth.paths import RunPaths
 
@@ -44,12 +43,9 @@ def _mean_probs(files: Sequence[Path]) -> pd.DataFrame:
 def _train_counts(metrics: Path) -> dict:
     """The run's training images per class (metrics.json ``train_counts``): the decision rule's prior needs each
     class's real ones. A missing or incomplete file raises DataError naming it."""
-    try:
-        counts = json.loads(metrics.read_text()).get("train_counts")
-    except FileNotFoundError as e:
-        raise DataError(f"{metrics}: missing; the classifier run did not finish (rerun the study to resume it)") from e
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise DataError(f"{metrics}: corrupt metrics file: {e}") from e
+    m = read_json(metrics, "metrics file",
+                  f"{metrics}: missing; the classifier run did not finish (rerun the study to resume it)")
+    counts = m.get("train_counts") if isinstance(m, dict) else None
     missing = [c for c in CLASSES if not isinstance(counts, dict) or "real" not in (counts.get(c) or {})]
     if missing:
         raise DataError(f"{metrics}: train_counts has no real-image count for {missing}; the seed ensemble's decision "

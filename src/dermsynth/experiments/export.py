@@ -132,7 +132,8 @@ def export_imagefolder(samples: str | Path, out: str | Path) -> Path:
     """Copy the images of ``samples/manifest.csv`` into a Hugging Face imagefolder at ``out``; returns ``out``.
 
     The export is built in ``.<out name>.partial`` beside ``out`` and renamed to ``out`` once complete: an interrupted
-    export leaves ``out`` as it was (absent, or the earlier export), and a rerun continues in the partial folder.
+    export leaves ``out`` as it was (absent, or the earlier export); a rerun writes the partial folder again. A folder
+    that holds anything besides an earlier export's README.md and train/ is refused, since it would be replaced.
     """
     samples, out = Path(samples), Path(out)
     manifest = samples / "manifest.csv"
@@ -141,8 +142,13 @@ def export_imagefolder(samples: str | Path, out: str | Path) -> Path:
     if len(real):
         raise DataError(f"{manifest}: {len(real)} row(s) are not synthetic (e.g. {real['image_id'].iloc[0]}, source "
                         f"{real['source'].iloc[0]!r}); export only synthetic samples, never real patient images")
-    if out.exists() and any(out.iterdir()) and not (out / "train" / "metadata.jsonl").is_file():
-        raise DataError(f"{out}: exists and is not an earlier export; choose an empty or new folder")
+    if out.exists() and any(out.iterdir()):
+        # a re-export replaces the whole folder: anything but an earlier export's own files (a .git of a dataset
+        # repo, a licence file added by hand) would be lost
+        extra = sorted(p.name for p in out.iterdir() if p.name not in ("README.md", "train"))
+        if extra or not (out / "train" / "metadata.jsonl").is_file():
+            raise DataError(f"{out}: exists and is not an earlier export (or holds more: {extra[:3]}); a re-export "
+                            f"replaces the whole folder, so choose an empty or new one")
     gen_run, gen = _generator_info(df, samples)
     licence = _licence(_training_sources(gen))
 

@@ -35,7 +35,7 @@ from dermsynth.experiments.units import Unit, UnitRunner
 from dermsynth.generate.config import GenConfig
 from dermsynth.generate.sample import generate
 from dermsynth.generate.train import train_generator
-from dermsynth.io import DataError, atomic_write_json, sha256_file
+from dermsynth.io import DataError, atomic_write_json, read_json, sha256_file
 from dermsynth.metrics.filter import run_filter
 from dermsynth.metrics.quality import run_quality
 from dermsynth.paths import StudyPaths
@@ -76,7 +76,7 @@ def _generate(paths: StudyPaths, gen: GenerationConfig, counts: dict[str, int]) 
 def _filter(paths: StudyPaths, cfg: StudyConfig, reference: Path, rare: list[str]) -> Path:
     """Run the filter; an empty result stops the study here, before classifiers train on nothing synthetic."""
     out = run_filter(paths.samples, paths.split, cfg.filter, out=paths.filtered, classifier=reference)
-    summary = json.loads((out / "filter.json").read_text())
+    summary = read_json(out / "filter.json", "filter record")
     per_class = summary.get("per_class", {})
     empty = [c for c in rare if per_class.get(c, {}).get("kept", 0) == 0]
     if empty and len(empty) == len(rare):
@@ -259,7 +259,7 @@ def run_study(cfg: StudyConfig, out: str | Path) -> Path:
         # quality_on entries dropped from the config, a copied study) stay on disk but are not this study's
         current = {u.name: u.hash for u in units if runner.is_done(u)}
         q_path = paths.quality / "samples" / "quality.json"
-        quality = json.loads(q_path.read_text()) if "quality/samples" in current and q_path.is_file() else None
+        quality = read_json(q_path, "quality record") if "quality/samples" in current and q_path.is_file() else None
         conds = expand_conditions(cfg)[0]  # plan() validated the config already
         own = {c.name for c in cfg.conditions}
         result = aggregate(paths.root, runs, cfg.baselines, cfg.primary, rare=parse_classes(cfg.rare_classes),

@@ -28,7 +28,7 @@ from dermsynth.generate.samples import (SAMPLES_JSON, SampleBatch, SampleItem, S
                                         samples_dir_name, save_sample, settings_like, settings_tag, shard,
                                         write_samples_manifest)
 from dermsynth.generate.scratch_train import STATE_JSON, list_checkpoints, resolve_checkpoint, train_rows
-from dermsynth.io import DataError, sha256_file
+from dermsynth.io import DataError, read_json, sha256_file
 from dermsynth.paths import RunPaths
 from dermsynth.runlog import get_logger, run_log
 
@@ -225,10 +225,11 @@ def drawn_with(row: Mapping[str, Any], info: Mapping[str, Any]) -> tuple[str, bo
     above images/<class>/), not the generator's sampling block, which a resumed training run rewrites. Where the folder
     is gone or does not record them, the generator's values (those a folder would have recorded) stand in."""
     path = Path(str(row.get("path", ""))).parents[2] / SAMPLES_JSON if row.get("path") else None
-    folder = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    folder = read_json(path, "samples settings") if path is not None and path.is_file() else {}
     if str(folder.get("checkpoint_hash")) != str(row.get("checkpoint_hash")):
-        get_logger("generate").warning("%s: no samples.json of its folder found above %s; regenerating with the "
-                                       "generator's sampling settings", row.get("image_id"), row.get("path"))
+        get_logger("generate").warning("%s: no samples.json of its own folder above %s (absent, or made with another "
+                                       "checkpoint); regenerating with the generator's sampling settings",
+                                       row.get("image_id"), row.get("path"))
         folder = {}
     defaults = info.get("sampling", {})
     precision = folder.get("precision", defaults.get("precision", "auto"))

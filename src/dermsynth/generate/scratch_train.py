@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -135,11 +135,11 @@ def resolve_checkpoint(run: str | Path, which: str | Path = "latest") -> Path:
                     f"{[c.name for c in list_checkpoints(run)]}")
 
 
-def drop_newer_checkpoints(run: str | Path, step: int) -> list[Path]:
-    """Delete the checkpoints of ``run`` past ``step``; returns them. Called when a run resumes from an older
-    checkpoint: those belong to the abandoned continuation, and rotation keeps the highest steps, so left in place they
-    would push out the new branch's checkpoints and stay ``latest``."""
-    newer = [p for p in list_checkpoints(run) if int(p.name.split("_")[1]) > step]
+def drop_checkpoints_after(found: Sequence[Path], step: int, run: str | Path) -> list[Path]:
+    """Delete the checkpoint folders (``step_XXXXXXXX``) of ``found`` past ``step``; returns them. Called when a run
+    (scratch or SD) resumes from an older checkpoint: those belong to the abandoned continuation, and rotation keeps the
+    highest steps, so left in place they would push out the new branch's checkpoints and stay ``latest``."""
+    newer = [p for p in found if int(p.name.split("_")[1]) > step]
     if newer:
         get_logger("generate").warning("resuming %s from step %d: deleting the newer checkpoints %s of the run it "
                                        "replaces", run, step, [p.name for p in newer])
@@ -380,7 +380,7 @@ def train_scratch(cfg: GenConfig, out: str | Path, resume: str | Path | None = N
         if ckpt is not None:
             log.info("resumed from %s (step %d)", ckpt, start)
             if acc.is_main_process:
-                drop_newer_checkpoints(out, start)
+                drop_checkpoints_after(list_checkpoints(out), start, out)
         if acc.is_main_process:
             save_config(cfg, paths.config)
             write_generator_info(out, generator_info(

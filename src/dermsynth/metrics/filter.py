@@ -33,12 +33,13 @@ import pandas as pd
 from dermsynth.config import ConfigError, save_config, to_dict
 from dermsynth.data.labels import CLASSES
 from dermsynth.data.manifest import REQUIRED_COLUMNS, write_manifest
-from dermsynth.io import atomic_write_csv, atomic_write_json
+from dermsynth.io import DataError, atomic_write_csv, atomic_write_json, read_json
 from dermsynth.metrics.distribution import c2st_auc_of, c2st_scores, realism_inside
 from dermsynth.metrics.feature_cache import (default_out, features_and_logits, load_images, native_size,
                                               samples_on_split)
 from dermsynth.metrics.features import ExtractorSpec, make_extractor
 from dermsynth.metrics.memorisation import MemorisationConfig, audit, calibrate_orbit, null_rows
+from dermsynth.paths import RunPaths
 from dermsynth.runlog import get_logger, run_log
 
 log = get_logger("metrics.filter")
@@ -76,16 +77,9 @@ def class_probs(run_dir: str | Path | None, images: np.ndarray, labels: pd.Serie
     if not run_dir:
         log.warning("filter: no classifier run given: the class-confidence check (b) is skipped")
         return None
-    import json
-
-    from dermsynth.io import DataError
-    from dermsynth.paths import RunPaths
-
     metrics = RunPaths(run_dir).metrics
-    if not metrics.is_file():
-        raise DataError(f"filter: classifier run {run_dir} is not finished (no {metrics.name}); check (b) needs a "
-                        f"finished real-only classifier run on this split (dermsynth train-clf)")
-    m = json.loads(metrics.read_text())
+    m = read_json(metrics, "metrics file", f"filter: classifier run {run_dir} is not finished (no {metrics.name}); "
+                  f"check (b) needs a finished real-only classifier run on this split (dermsynth train-clf)")
     if m.get("split_fingerprint") != split_fingerprint:
         raise DataError(f"filter: classifier run {run_dir} was trained on split {m.get('split')} (fingerprint "
                         f"{str(m.get('split_fingerprint'))[:12]}...), not on the split being filtered (fingerprint "

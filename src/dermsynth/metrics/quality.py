@@ -206,11 +206,13 @@ def run_quality(samples: str | Path, split: str | Path, cfg: QualityConfig | Non
         null_img = load_images(null_rows(sp, cfg.memorisation, cfg.seed), size)
         calib = calibrate_orbit(gen_df, gen_img, gen_f, null_img, extractor, cfg.memorisation)
         rows, memo = audit(syn, syn_img, gen_df, gen_img, gen_f, extractor, cfg.memorisation, calib)
-        memo["real_test_flag_rate"] = real_flag_rate(ref_img, gen_f, calib["threshold"], extractor, cfg.memorisation)
+        # the rule's false-positive rate out of sample: real TEST images of these classes, whatever the reference
+        test_df = sp.part("test")
+        test_img = ref_img if cfg.reference == "test" else load_images(test_df[test_df["label"].isin(classes)], size)
+        memo["real_test_flag_rate"] = real_flag_rate(test_img, gen_f, calib["threshold"], extractor, cfg.memorisation)
         memo["note"] = ("copy = cosine >= cosine_threshold (max of the same-lesion and new-lesion quantiles) or "
                         "SSIM >= ssim_threshold, every image matched over the orbit; real_test_flag_rate: how often "
-                        f"real new lesions of the {cfg.reference} part (never used for calibration) pass the cosine "
-                        "rule")
+                        "real new lesions of the test part (never used for calibration) pass the cosine rule")
         atomic_write_csv(out / "memorisation.csv", rows)
         closest_pairs_grid(rows, syn_img, gen_img, gen_df["image_id"].tolist(), out / "closest_pairs.png",
                            cfg.memorisation.grid_pairs)

@@ -29,6 +29,7 @@ from dermsynth.config import ConfigError, read_saved, read_yaml, save_config, to
 from dermsynth.data.labels import CLASS_NAMES, parse_classes
 from dermsynth.data.split import Split, load_split
 from dermsynth.generate.sd15 import adapters
+from dermsynth.generate.scratch_train import drop_checkpoints_after
 from dermsynth.generate.sd15.config import SDConfig
 from dermsynth.io import DataError, atomic_open, atomic_save_image, atomic_write_csv
 from dermsynth.paths import RunPaths
@@ -396,19 +397,6 @@ def _resume_point(run: RunPaths, resume: str | Path | None) -> Path | None:
                       f"available: {[p.name for p in found]}")
 
 
-def _drop_newer_checkpoints(run: RunPaths, step: int) -> list[Path]:
-    """Delete the checkpoints past ``step`` when a run resumes from an older one: they belong to the abandoned
-    continuation, and rotation keeps the highest steps, so left in place they would push out the new branch's
-    checkpoints and stay ``latest``."""
-    newer = [p for p in checkpoints(run) if int(p.name.split("_")[1]) > step]
-    if newer:
-        log.warning("resuming %s from step %d: deleting the newer checkpoints %s of the run it replaces", run.root,
-                    step, [p.name for p in newer])
-    for p in newer:
-        shutil.rmtree(p)
-    return newer
-
-
 def _check_resume_split(run: RunPaths, ckpt: Path, split: Split) -> None:
     """A resumed run must learn from the split it started on: the same data.split path is not enough, the file may
     have been remade with other lesions in the train part (and this split's test lesions then in the generator)."""
@@ -526,7 +514,7 @@ def train_sd_lora(cfg: Any, out: str | Path, resume: str | Path | None = None) -
             step, wall_before = int(saved["step"]), float(saved["wall_s"])
             log.info("resumed from %s at step %d", start_from, step)
             if main:
-                _drop_newer_checkpoints(run, step)
+                drop_checkpoints_after(checkpoints(run), step, run.root)
         if main:
             _provenance(run, cfg, split, parts, train_df, step, world)
         log.info("SD-1.5 LoRA: %d train images of %s (%s), %d held-out, %d process(es) x batch %d x %d accumulated, "
