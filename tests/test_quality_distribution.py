@@ -131,3 +131,16 @@ def test_c2st_in_compare_leaves_the_other_numbers_as_they_were():
     assert "C2ST_x" in on and "C2ST_x" not in off
     assert {m: v for m, v in on.items() if not m.startswith("C2ST")} == off
     assert on["C2ST_x"] > 0.9  # a shift of 1.5 in all 16 dimensions is plain at N = 30
+
+
+def test_inception_score_is_compared_at_equal_n():
+    """IS grows with the number of images it is computed on, so quality scores both sides on equal-N draws: two sets
+    of one distribution agree there, while the larger set scored whole would look far "better"."""
+    from dermsynth.metrics.quality import equal_n_inception_score
+
+    rng = np.random.default_rng(0)
+    a_logits, b_logits = rng.normal(size=(500, 10)) * 3, rng.normal(size=(40, 10)) * 3
+    a = equal_n_inception_score({"df": a_logits}, {"df": 17}, 20, seed=0)[0]
+    b = equal_n_inception_score({"df": b_logits}, {"df": 17}, 20, seed=1)[0]
+    assert a == pytest.approx(b, rel=0.1)
+    assert inception_score(a_logits)[0] > 2 * b  # all 500 scored whole, against 17 of 40 per draw

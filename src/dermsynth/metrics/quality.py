@@ -161,6 +161,7 @@ def run_quality(samples: str | Path, split: str | Path, cfg: QualityConfig | Non
         train_c = train_all[train_all["label"].isin(classes)].reset_index(drop=True)
         train_cf = train_f[train_all["label"].isin(classes).to_numpy()]
         S, T, R = _by_class(syn, syn_f, classes), _by_class(train_c, train_cf, classes), _by_class(ref_df, ref_f, classes)
+        logits = {"synthetic": _by_class(syn, syn_logits, classes), "floor": _by_class(ref_df, ref_logits, classes)}
         groups: dict[str, dict] = {}
         todo = [(c, [c]) for c in classes] + ([("pooled", pooled)] if len(pooled) > 1 else [])
         for gi, (name, cls) in enumerate(todo):
@@ -184,8 +185,7 @@ def run_quality(samples: str | Path, split: str | Path, cfg: QualityConfig | Non
                 g[key][f"diversity_{d['metric']}_std"] = d["std"]
             g["floor"]["diversity_of"] = f"real {cfg.reference} images"
             if extractor.n_logits:  # the floor: real reference images at the same N
-                for key, lg in (("synthetic", _by_class(syn, syn_logits, classes)),
-                                ("floor", _by_class(ref_df, ref_logits, classes))):
+                for key, lg in logits.items():
                     m, sd = equal_n_inception_score({c: lg[c] for c in cls}, counts, cfg.repeats, cfg.seed + gi)
                     g[key][metric_name("IS", ename)], g[key][metric_name("IS", ename) + "_std"] = m, sd
             g["ratio_to_floor"] = {m: _ratio(g["synthetic"][m], g["floor"][m])
