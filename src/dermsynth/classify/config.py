@@ -30,7 +30,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "efficientnet_b0"  # any timm model name (documented: efficientnet_b0, resnet50, tf_efficientnet_lite0)
-    # "none" (random init) | "lite0" (ImageNet Lite0 from the local PyPI package) | a local weight file | "hub"
+    # "none" (random init) | "lite0" (ImageNet Lite0 from the installed Python package) | a local weight file | "hub"
     pretrained: str = "none"
     drop_rate: float = 0.2
     drop_path_rate: float = 0.0

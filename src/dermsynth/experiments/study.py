@@ -23,7 +23,7 @@ from typing import Any, Callable
 from dermsynth import __version__
 from dermsynth.classify.config import ClfConfig
 from dermsynth.classify.train import train_classifier
-from dermsynth.config import save_config
+from dermsynth.config import save_config, to_dict
 from dermsynth.data.labels import parse_classes
 from dermsynth.data.prepare import prepare
 from dermsynth.data.split import make_split
@@ -32,7 +32,7 @@ from dermsynth.experiments.aggregate import aggregate
 from dermsynth.experiments.config import (GenerationConfig, StudyConfig, condition_config, drawn_classes,
                                           expand_conditions, filter_twins, reference_config, validate)
 from dermsynth.experiments.units import Unit, UnitRunner
-from dermsynth.generate.config import GenConfig
+from dermsynth.generate.config import GenConfig, GenSampleConfig
 from dermsynth.generate.sample import generate
 from dermsynth.generate.train import train_generator
 from dermsynth.io import DataError, atomic_write_json, read_json, sha256_file
@@ -63,13 +63,15 @@ def _train_gen(cfg: GenConfig, out: Path, resume: bool) -> Path:
     return train_generator(cfg, out, resume="latest" if resume else None)
 
 
-def _generate(paths: StudyPaths, gen: GenerationConfig, counts: dict[str, int]) -> Path:
-    """The study's samples: one generate call per distinct count, into one folder (its manifest keeps every class)."""
+def _generate(paths: StudyPaths, gen: GenerationConfig, counts: dict[str, int],
+              sampling: dict[str, Any] | None) -> Path:
+    """The study's samples: one generate call per distinct count, into one folder (its manifest keeps every class).
+    ``sampling``: the study's current generator.sample block (from-scratch generators; None for SD-1.5)."""
     for n in sorted(set(counts.values())):
         generate(paths.generator, classes=",".join(c for c in counts if counts[c] == n), per_class=n,
                  out=paths.samples, sampler=gen.sampler, steps=gen.steps, guidance=gen.guidance, seed=gen.seed,
                  batch_size=gen.batch_size, checkpoint=gen.checkpoint, strength=gen.strength,
-                 init_from=gen.init_from)
+                 init_from=gen.init_from, sampling=sampling)
     return paths.samples
 
 
@@ -128,9 +130,13 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
     synthetic_src: dict[str, tuple[str, Path]] = {}
     if uses - {"none"}:
         gcfg = dataclasses.replace(cfg.generator, data=dataclasses.replace(cfg.generator.data, split=str(paths.split)))
-        g_hash = dataclasses.replace(gcfg, data=dataclasses.replace(gcfg.data, split=None))
+        g_legacy = dataclasses.replace(gcfg, data=dataclasses.replace(gcfg.data, split=None))
+        # how a from-scratch generator samples (generator.sample) is the samples unit's business: hashed there, it
+        # redraws the samples without retraining the generator (hash schemes before 4 hashed it here)
+        scratch = gcfg.kind == "scratch"
+        g_hash = dataclasses.replace(g_legacy, sample=GenSampleConfig()) if scratch else g_legacy
         units.append(_job_unit("generator", "generator", paths.generator, g_hash, _train_gen, (gcfg, paths.generator),
-                               upstream=["split"], done_file="generator.json"))
+                               upstream=["split"], done_file="generator.json", legacy_config={3: g_legacy}))
         # the real-only reference classifier comes next: it needs only the split, so with study.workers > 1 it
         # trains beside the generator
         rcfg = reference_config(cfg)
@@ -141,10 +147,13 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
         gen, drawn = cfg.generation, drawn_classes(cfg)
         # releases before hash scheme 3 listed the classes that are not rare in per_class_of's order
         legacy = [*rare, *(c for c in gen.per_class_of if c not in rare)]
-        units.append(Unit("samples", "samples", paths.samples, {"generation": gen, "classes": list(drawn)},
-                          lambda resume: _generate(paths, gen, drawn),
+        sampling = to_dict(gcfg.sample) if scratch else None
+        s_cfg: dict[str, Any] = {"generation": gen, "classes": list(drawn)}
+        units.append(Unit("samples", "samples", paths.samples,
+                          {**s_cfg, "sampling": gcfg.sample} if scratch else s_cfg,
+                          lambda resume: _generate(paths, gen, drawn, sampling),
                           upstream=["generator"], done_file="manifest.csv",
-                          legacy_config={"generation": gen, "classes": legacy}))
+                          legacy_config={2: {"generation": gen, "classes": legacy}, 3: s_cfg}))
         synthetic_src["unfiltered"] = ("samples", paths.samples / "manifest.csv")
 
         units.append(Unit("filter", "filter", paths.filtered, cfg.filter,

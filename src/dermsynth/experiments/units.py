@@ -14,9 +14,12 @@ computes at an unchanged config (a new default, a corrected method) raises that 
 the version is hashed, so the stage's finished units and every unit downstream of them rerun. Since scheme 3 the keys
 of every mapping are hashed in sorted order, so a config that writes two keys of a mapping field
 (``generation.per_class_of``, ``split.train_keep_of``, ``classifier.data.synthetic_ratio_per_class``) the other way
-round is the same config. States written under an older scheme (1 hashed every field, 2 kept the order of mappings)
-are carried over once when their hash matches that scheme's, unless their stage has a version (it changed since) or
-an upstream unit was not carried over, so an upgrade redoes exactly the units whose results it changes.
+round is the same config. Since scheme 4 a from-scratch generator's sampling settings (generator.sample) are hashed
+in the samples unit, not in the generator unit: changing how the study samples redraws the samples without
+retraining the generator. States written under an older scheme (1 hashed every field, 2 kept the order of mappings,
+3 hashed the sampling settings with the generator) are carried over once when their hash matches that scheme's,
+unless their stage has a version their scheme did not hash (1 and 2: it changed since) or an upstream unit was not
+carried over, so an upgrade redoes exactly the units whose results it changes.
 Wall time per unit accumulates over resumes; ``timings.json`` sums it per stage.
 
 Units that carry a ``job`` (a picklable function and its arguments; the study gives every classifier unit one) may
@@ -64,9 +67,10 @@ class Unit:
     hash: str = ""
     # (function, args): the same work as ``run``, callable in another process as function(*args, resume=...)
     job: tuple[Callable[..., Any], tuple] | None = None
-    # what hash schemes before 3 hashed in place of ``config`` where the two differ only in an order that scheme 3
-    # makes canonical (None: ``config``); lets carry_over recognise records of earlier releases
-    legacy_config: Any = None
+    # what earlier hash schemes hashed in place of ``config``, where that differs: {scheme: config} covers that
+    # scheme and the earlier ones without an entry of their own (e.g. {2: a, 3: b}: schemes 1-2 hashed a, 3 hashed b;
+    # later ones ``config``). Lets carry_over recognise the records of earlier releases
+    legacy_config: dict[int, Any] | None = None
 
 
 def _run_job(fn: Callable[..., Any], args: tuple, resume: bool, threads: int) -> float:
@@ -81,7 +85,7 @@ def _run_job(fn: Callable[..., Any], args: tuple, resume: bool, threads: int) ->
     return time.perf_counter() - t0
 
 
-HASH_SCHEME = 3
+HASH_SCHEME = 4
 # Stages whose results a release changed at an unchanged config; the version enters the hash (scheme 3 on).
 # filter and quality 2: the copy rule's threshold is calibrated on the audit's own statistic, the best match over the
 # flips/rotations (it was calibrated on single views and called too many new lesions copies; BENCHMARKS.md)
@@ -97,13 +101,22 @@ def _sorted_keys(obj: Any) -> Any:
     return obj
 
 
+def _config_of(unit: Unit, scheme: int) -> Any:
+    """What ``scheme`` hashed of the unit: its ``legacy_config`` entry for that scheme or the next later one, else
+    ``config``."""
+    later = sorted(k for k in (unit.legacy_config or {}) if k >= scheme)
+    return unit.legacy_config[later[0]] if later else unit.config
+
+
 def unit_hash(unit: Unit, upstream_hashes: dict[str, str], scheme: int = HASH_SCHEME) -> str:
     """The unit's config (its non-default fields) and its upstream units' hashes.
 
     Older schemes, kept to recognise records written by earlier releases: 1 hashed every field, 2 hashed mappings in
-    insertion order (so two keys written the other way round changed the hash). Both hash ``legacy_config`` if set.
+    insertion order (so two keys written the other way round changed the hash), 3 hashed a from-scratch generator's
+    sampling settings in the generator unit (so changing them retrained it; 4 hashes them in the samples unit). Each
+    hashes its ``legacy_config`` entry where the unit has one.
     """
-    config = unit.config if scheme >= 3 or unit.legacy_config is None else unit.legacy_config
+    config = _config_of(unit, scheme)
     payload = {"stage": unit.stage, "config": to_dict(config) if scheme == 1 else changed_fields(config),
                "upstream": {u: upstream_hashes[u] for u in sorted(unit.upstream)}}
     if scheme == 1:
@@ -139,16 +152,15 @@ class UnitRunner:
 
     def carry_over(self) -> int:
         """Re-record states written under an older hash scheme whose config is unchanged; returns how many. A unit of
-        a versioned stage (changed since those schemes) is not carried over, nor is any unit downstream of one that
-        was not: both rerun."""
+        a versioned stage recorded under a scheme that did not hash the version (1, 2: the stage changed since) is not
+        carried over, nor is any unit downstream of one that was not: both rerun."""
         n, current = 0, set()
         for u in self.units:  # upstream first
             st = self.state(u)
-            older = {h[u.name] for h in self._older.values()}
+            older = {h[u.name] for s, h in self._older.items() if s >= 3 or u.stage not in STAGE_VERSIONS}
             if st.get("hash") == u.hash:
                 current.add(u.name)
-            elif (st and st.get("hash") in older and u.stage not in STAGE_VERSIONS
-                  and all(x in current for x in u.upstream)):
+            elif st and st.get("hash") in older and all(x in current for x in u.upstream):
                 atomic_write_json(self.state_path(u), {**st, "hash": u.hash})
                 current.add(u.name)
                 n += 1
@@ -216,12 +228,13 @@ class UnitRunner:
         self._write_state(u, status="running", started=started, wall_s=before)
         return resume, before, started
 
-    def _finish(self, u: Unit, started: str, wall: float) -> None:
+    def _finish(self, u: Unit, started: str, wall: float, timings: bool = True) -> None:
         if u.done_file is not None and not (u.out / u.done_file).is_file():
             raise RuntimeError(f"{u.name}: the stage returned but {u.out / u.done_file} is missing")
         self._write_state(u, status="done", started=started, wall_s=wall,
                           finished=dt.datetime.now().isoformat(timespec="seconds"))
-        self.write_timings()
+        if timings:
+            self.write_timings()
 
     def _run_one(self, u: Unit, spent: dict[str, float]) -> float:
         resume, before, started = self._start(u)
@@ -238,7 +251,7 @@ class UnitRunner:
             # a stage can mix waves and units run on their own (e.g. the one unit left after a wave): its elapsed
             # time must count both, so the time of a unit run on its own is recorded too
             self.write_timings(alone={u.stage: took})
-        self._finish(u, started, wall)
+        self._finish(u, started, wall, timings=False)  # timings.json already counts this unit's wall time
         return wall
 
     def _run_wave(self, wave: list[Unit], workers: int, spent: dict[str, float], bar: tqdm) -> None:

@@ -37,7 +37,7 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
              out: str | Path | None = None, sampler: str | None = None, steps: int | None = None,
              guidance: float | None = None, seed: int | None = None, batch_size: int | None = None,
              checkpoint: str | None = None, strength: float | None = None, like: str | Path | None = None,
-             init_from: Mapping[str, str] | str | None = None) -> Path:
+             init_from: Mapping[str, str] | str | None = None, sampling: Mapping[str, Any] | None = None) -> Path:
     """Write ``per_class`` images of each class (resuming: existing images are kept); returns the samples folder.
 
     ``like``: a samples folder whose generator, checkpoint, weights (EMA or raw), sampler, steps, guidance, batch size
@@ -49,15 +49,21 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
     or a mapping) starts a class's image-to-image runs from another class's real train images instead, conditioned
     on the class drawn (major-to-minor translation: the rare class borrows the layouts, skin and framing of a
     common one).
+
+    ``sampling`` (from-scratch generators): a sampling block (the keys of ``generator.sample``: sampler, steps,
+    guidance, batch_size, use_ema, precision, clip_x0) to use in place of the one generator.json recorded at training
+    time; the study passes its current ``generator.sample``, so that changing how it samples does not retrain.
     """
-    weights = None  # from the checkpoint argument and the generator's sampling.use_ema, unless drawing like a folder
+    # from the checkpoint argument and the generator's sampling block (use_ema, precision, clip_x0), unless drawing
+    # like a folder: then the folder's, since the generator's block is what its latest training wrote
+    weights = precision = clip_x0 = None
     if like is not None:
         if seed is None:
             raise ConfigError(f"drawing like {like} needs a seed (--seed): its own seed would draw the same images")
         a = settings_like(like, gen_run, sampler, steps, guidance, batch_size, checkpoint, strength, init_from)
         gen_run, sampler, steps, guidance = a["gen_run"], a["sampler"], a["steps"], a["guidance"]
         batch_size, checkpoint, strength, init_from = a["batch_size"], a["checkpoint"], a["strength"], a["init_from"]
-        weights = a["weights"]
+        weights, precision, clip_x0 = a["weights"], a["precision"], a["clip_x0"]
     if gen_run is None:
         raise ConfigError("generate needs a generator run (--gen) or a samples folder to draw like (--like)")
     seed, checkpoint = seed or 0, checkpoint or "latest"
@@ -71,6 +77,10 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
     if info.get("kind") == "sd15_lora":
         from dermsynth.generate.sd15.sample import generate_sd
 
+        if sampling is not None:
+            raise ConfigError(f"{gen_run} is an SD-1.5 run: its sampling settings are generator.sd's (sampler, "
+                              f"sample_steps, guidance, ...), not a sampling block")
+
         return generate_sd(gen_run, classes=classes, per_class=per_class, out=out, sampler=sampler, steps=steps,
                            guidance=guidance, seed=seed, batch_size=batch_size, checkpoint=checkpoint)
     if info.get("kind") != "scratch":
@@ -79,11 +89,13 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
 
     state = PartialState()
     plan = plan_scratch(gen_run, info, classes, per_class, out, sampler, steps, guidance, seed, batch_size,
-                        checkpoint, strength, write=state.is_main_process, init_from=init_from, weights=weights)
+                        checkpoint, strength, write=state.is_main_process, init_from=init_from, weights=weights,
+                        precision=precision, clip_x0=clip_x0, sampling=sampling)
     if state.num_processes > 1:  # the others read the samples.json the main process just wrote
         state.wait_for_everyone()
         plan = plan_scratch(gen_run, info, classes, per_class, out, sampler, steps, guidance, seed, batch_size,
-                            checkpoint, strength, write=False, init_from=init_from, weights=weights)
+                            checkpoint, strength, write=False, init_from=init_from, weights=weights,
+                            precision=precision, clip_x0=clip_x0, sampling=sampling)
     with run_log(plan.folder) if state.is_main_process else contextlib.nullcontext():
         run_shard(plan, state.process_index, state.num_processes, state.device)
         state.wait_for_everyone()
@@ -97,15 +109,17 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
 def plan_scratch(gen_run: Path, info: Mapping[str, Any], classes: str | list[str], per_class: int,
                  out: str | Path | None, sampler: str | None, steps: int | None, guidance: float | None, seed: int,
                  batch_size: int | None, checkpoint: str, strength: float = 1.0, write: bool = True,
-                 init_from: Mapping[str, str] | None = None, weights: str | None = None) -> SamplePlan:
+                 init_from: Mapping[str, str] | None = None, weights: str | None = None, precision: str | None = None,
+                 clip_x0: bool | None = None, sampling: Mapping[str, Any] | None = None) -> SamplePlan:
     """Resolve defaults, checkpoint and folder; check (or create) the folder's samples.json; list the batches.
 
-    ``weights``: "ema" or "raw"; None = raw when ``checkpoint`` is "raw" or the generator samples without EMA."""
+    ``weights``: "ema" or "raw"; None = raw when ``checkpoint`` is "raw" or the generator samples without EMA.
+    ``precision`` / ``clip_x0``: None = the generator's sampling block (``sampling``, else generator.json's)."""
     wanted = parse_classes(classes)
     unknown = [c for c in wanted if c not in info["classes"]]
     if unknown:
         raise DataError(f"generator {gen_run} was not trained on class(es) {unknown}; it knows {info['classes']}")
-    defaults = info.get("sampling", {})
+    defaults = {**info.get("sampling", {}), **(sampling or {})}
     sampler = sampler or defaults.get("sampler", "dpmpp")
     if sampler not in SAMPLERS:
         raise DataError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
@@ -122,7 +136,8 @@ def plan_scratch(gen_run: Path, info: Mapping[str, Any], classes: str | list[str
         "checkpoint_step": step, "checkpoint_hash": sha256_file(ckpt / weights_file(weights))[:16],
         "weights": weights, "sampler": sampler, "steps": steps, "guidance": guidance, "seed": int(seed),
         "batch_size": batch_size, "image_size": int(info["image_size"]),
-        "precision": defaults.get("precision", "auto"), "clip_x0": bool(defaults.get("clip_x0", True)),
+        "precision": precision or defaults.get("precision", "auto"),
+        "clip_x0": bool(defaults.get("clip_x0", True) if clip_x0 is None else clip_x0),
         "split": info.get("split"), "split_fingerprint": info.get("split_fingerprint"),
         "strength": float(strength) if strength != 1.0 else None, "init_from": dict(init_from) if init_from else None,
     }

@@ -213,7 +213,8 @@ def settings_like(folder: str | Path, gen_run: str | Path | None = None, sampler
     For drawing another set like an existing one (held-out images, more seeds). The seed is not copied: the same
     seed would draw the same images. The checkpoint is copied only for the same generator: the folder's checkpoint
     path, or (SD folders record only the step) the run's checkpoint of that step. The weights (from-scratch folders:
-    "ema" or "raw") are the folder's too, unless ``checkpoint`` is "ema" or "raw" (then None: it decides).
+    "ema" or "raw") are the folder's too, unless ``checkpoint`` is "ema" or "raw" (then None: it decides), and so are
+    its sampling precision and x0 clipping (None where it records none: the generator's own then).
     """
     s = read_samples_settings(folder)
     gen = Path(gen_run if gen_run is not None else s["generator"])
@@ -226,7 +227,8 @@ def settings_like(folder: str | Path, gen_run: str | Path | None = None, sampler
             "guidance": guidance if guidance is not None else s.get("guidance"),
             "batch_size": batch_size or s.get("batch_size"), "checkpoint": checkpoint or "latest", "weights": weights,
             "strength": strength if strength is not None else (s.get("strength") or 1.0),
-            "init_from": init_from if init_from is not None else s.get("init_from")}
+            "init_from": init_from if init_from is not None else s.get("init_from"),
+            "precision": s.get("precision"), "clip_x0": s.get("clip_x0")}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

