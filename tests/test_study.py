@@ -13,9 +13,10 @@ import torch
 
 import dermsynth.experiments.study as study_mod
 import dermsynth.generate.scratch_train as scratch_train
+from dermsynth.cli import main as cli_main
 from dermsynth.config import ConfigError, load_config
 from dermsynth.experiments.config import StudyConfig, drawn_classes, expand_conditions, validate
-from dermsynth.experiments.study import plan, run_study
+from dermsynth.experiments.study import plan, preview_study, run_study
 from dermsynth.experiments.units import UnitRunner
 from dermsynth.paths import StudyPaths
 
@@ -241,6 +242,40 @@ def test_a_config_change_invalidates_exactly_its_downstream_units(finished, tmp_
     assert sorted(called) == ["filtered", "samples"]
     assert not (study / "quality" / "samples" / "stale_marker").exists()  # the stale folder was cleared first
     assert json.loads((study / "quality" / "samples" / "quality.json").read_text())["repeats"] == 3
+
+
+def test_a_sampling_change_redraws_the_samples_and_keeps_the_generator(finished):
+    hybrids = {f"classifier/{c}/seed{s}" for c in ("hybrid", "hybrid_unfiltered", "hybrid_r2") for s in (0, 1)}
+    assert _stale(finished, tiny("generator.sample.steps=4")) == {
+        "samples", "filter", "quality/samples", "quality/filtered"} | hybrids
+
+
+def _snapshot(folder: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_a_dry_run_says_what_a_run_would_do_and_changes_nothing(finished, tmp_path, capsys):
+    before = _snapshot(finished)
+    preview = preview_study(tiny("generator.sample.steps=4"), finished)
+    assert _snapshot(finished) == before
+    assert preview.changed == {"generator.sample.steps": (3, 4)}
+    rows = {r["unit"]: r for r in preview.units}
+    assert [r["unit"] for r in preview.units] == [u.name for u in plan(tiny(), finished)[0]]  # run order
+    assert {n for n, r in rows.items() if r["action"] == "rerun"} == _stale(finished, tiny("generator.sample.steps=4"))
+    assert rows["generator"]["action"] == rows["classifier/real/seed0"]["action"] == "skip"
+    samples = rows["samples"]
+    assert samples["deletes"] == str(StudyPaths(finished).samples) and samples["wall_s"] > 0
+    assert "config changed" in samples["why"] and rows["filter"]["why"] == "upstream samples reruns"
+    text = str(preview)
+    assert "generator.sample.steps: 3 -> 4" in text and f"deletes {StudyPaths(finished).samples}" in text
+    assert text.splitlines()[-1] == f"{len(rows) - len(_stale(finished, tiny('generator.sample.steps=4')))} to skip, " \
+                                    f"{len(_stale(finished, tiny('generator.sample.steps=4')))} to rerun"
+    assert cli_main(["study", "-c", str(TINY), "--out", str(finished), "--dry-run",
+                     "--set", "generator.sample.steps=4"]) == 0
+    assert capsys.readouterr().out.strip() == text and _snapshot(finished) == before
+    fresh = preview_study(tiny(), tmp_path / "new")
+    assert fresh.changed is None and {r["action"] for r in fresh.units} == {"run"}
+    assert not (tmp_path / "new").exists()
 
 
 def test_folders_of_units_a_changed_config_no_longer_plans_are_not_reported(finished, tmp_path, monkeypatch):

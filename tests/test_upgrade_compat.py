@@ -171,6 +171,38 @@ def test_a_study_recorded_under_the_third_scheme_is_carried_over_whole(tmp_path)
     assert all(runner.state(u)["hash"] == u.hash for u in units) and runner.carry_over() == 0
 
 
+def test_a_third_scheme_study_opened_with_other_sampling_settings_keeps_its_generator(tmp_path):
+    """The third scheme's generator record hashed the sampling block the generator was trained with: it is recognised
+    through the generator folder's config.yaml, while the samples, drawn with the old block, rerun with their
+    downstream."""
+    from dermsynth.config import save_config
+    from dermsynth.paths import StudyPaths
+
+    was, now = _tiny("generator.sample.steps=7"), _tiny("generator.sample.steps=9")
+    old: dict[str, str] = {}
+    runner = UnitRunner(tmp_path, plan(now, tmp_path)[0])
+    for u in plan(was, tmp_path)[0]:  # recorded as the third scheme's release did, with steps 7
+        if u.name == "generator":
+            u = dataclasses.replace(u, config=dataclasses.replace(
+                was.generator, data=dataclasses.replace(was.generator.data, split=None)), legacy_config=None)
+        elif u.name == "samples":
+            u = dataclasses.replace(u, config={"generation": was.generation, "classes": u.config["classes"]},
+                                    legacy_config=None)
+        old[u.name] = unit_hash(u, old, scheme=3)
+        _record(runner, u, old[u.name])
+    save_config(was.generator, StudyPaths(tmp_path).generator / "config.yaml")  # as its training wrote it
+    runner = UnitRunner(tmp_path, plan(now, tmp_path)[0])
+    rerun = {"samples", "filter", "quality/samples", "quality/filtered"} | {
+        f"classifier/{c}/seed{s}" for c in ("hybrid", "hybrid_unfiltered", "hybrid_r2") for s in (0, 1)}
+    assert runner.carry_over() == len(runner.units) - len(rerun)
+    assert {u.name for u in runner.units if runner.state(u)["hash"] != u.hash} == rerun
+    # without the folder's config (nothing says what the generator was trained with) the generator reruns, as before
+    (StudyPaths(tmp_path).generator / "config.yaml").unlink()
+    for u in runner.units:
+        _record(runner, u, old[u.name])
+    assert "generator" not in {u.name for u in UnitRunner(tmp_path, plan(now, tmp_path)[0])._carried()}
+
+
 def test_a_record_of_another_config_is_still_stale(tmp_path):
     ran = []
     u = Unit("up", "stage", None, _Old(steps=2), lambda resume: ran.append("up"))

@@ -95,7 +95,7 @@ def cmd_visual_check(a: argparse.Namespace) -> Any:
 
 def cmd_study(a: argparse.Namespace) -> Any:
     cfg = _cfg("dermsynth.experiments.config.StudyConfig", a)
-    return _lazy("dermsynth.experiments.study", "run_study")(cfg, a.out)
+    return _lazy("dermsynth.experiments.study", "preview_study" if a.dry_run else "run_study")(cfg, a.out)
 
 
 def cmd_report(a: argparse.Namespace) -> Any:
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("study", help="run or resume the whole grid: split, generator, samples, filter, quality, classifiers, report")
     _add_cfg_args(q)
     q.add_argument("--out", required=True, type=Path, help="study folder")
+    q.add_argument("--dry-run", action="store_true",
+                   help="say what a run would skip, resume, rerun (and delete) or run, and why; change nothing")
     q.set_defaults(func=cmd_study)
 
     q = sub.add_parser("report", help="build the HTML + Markdown report of a finished study")

@@ -148,6 +148,19 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def config_diff(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two configs of one dataclass, as (old, new), sorted by key."""
+    a, b = _flat(to_dict(old)), _flat(to_dict(new))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
 def _default_of(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default

@@ -40,7 +40,7 @@ from dermsynth.classify.losses import build_loss
 from dermsynth.classify.models import Normalize, build_model
 from dermsynth.classify.predict import BEST_META, BEST_WEIGHTS, autocast, predict_probs
 from dermsynth.classify.sampling import epoch_order, shard_batches
-from dermsynth.config import ConfigError, config_hash, read_saved, read_yaml, save_config, to_dict
+from dermsynth.config import ConfigError, config_diff, config_hash, read_saved, read_yaml, save_config
 from dermsynth.data.labels import CLASSES
 from dermsynth.io import atomic_open, atomic_write_bytes, atomic_write_csv, atomic_write_json
 from dermsynth.metrics.classification import classification_metrics
@@ -113,13 +113,6 @@ def _gather(state: Any, t: torch.Tensor) -> torch.Tensor:
 # Run folder: config check, checkpoints, best weights
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-    return out
-
-
 def _check_run_folder(cfg: ClfConfig, paths: RunPaths, resume: bool) -> bool:
     """True when the run already finished (resume then just returns its metrics)."""
     if not paths.config.is_file():
@@ -128,12 +121,10 @@ def _check_run_folder(cfg: ClfConfig, paths: RunPaths, resume: bool) -> bool:
         raise ConfigError(f"{paths.root} already holds a classifier run; pass --resume to continue it, or choose "
                           f"another --out")
     # read through the dataclass: a field added in a later release takes its default, which keeps the old behaviour
-    saved = _flat(to_dict(read_saved(ClfConfig, read_yaml(paths.config), paths.config)))
-    now = _flat(to_dict(cfg))
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    diff = config_diff(read_saved(ClfConfig, read_yaml(paths.config), paths.config), cfg)
     if diff:
         raise ConfigError(f"{paths.root}: cannot resume with a different config; changed: "
-                          + ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in diff[:6]))
+                          + ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in list(diff.items())[:6]))
     return paths.metrics.is_file()
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from dermsynth import __version__
 from dermsynth.classify.config import ClfConfig
 from dermsynth.classify.train import train_classifier
-from dermsynth.config import save_config, to_dict
+from dermsynth.config import ConfigError, config_diff, read_saved, read_yaml, save_config, to_dict
 from dermsynth.data.labels import parse_classes
 from dermsynth.data.prepare import prepare
 from dermsynth.data.split import make_split
@@ -38,7 +38,7 @@ from dermsynth.generate.train import train_generator
 from dermsynth.io import DataError, atomic_write_json, read_json, sha256_file
 from dermsynth.metrics.filter import run_filter
 from dermsynth.metrics.quality import run_quality
-from dermsynth.paths import StudyPaths
+from dermsynth.paths import RunPaths, StudyPaths
 from dermsynth.runlog import get_logger, run_log
 
 log = get_logger("experiments.study")
@@ -93,6 +93,18 @@ def _filter(paths: StudyPaths, cfg: StudyConfig, reference: Path, rare: list[str
     return out
 
 
+def _trained_sampling(gen_dir: Path) -> GenSampleConfig | None:
+    """The sampling block of the generator folder's saved config (what hash schemes before 4 hashed with the
+    generator), or None where there is no readable one."""
+    path = RunPaths(gen_dir).config
+    if not path.is_file():
+        return None
+    try:
+        return read_saved(GenConfig, read_yaml(path), path).sample
+    except ConfigError:  # another release's file: the current block stands in, as before scheme 4
+        return None
+
+
 def _hashable(cfg: ClfConfig) -> ClfConfig:
     """A classifier config without the study-internal paths (they are covered by the upstream units' hashes)."""
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split=None, synthetic=None))
@@ -135,6 +147,11 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
         # redraws the samples without retraining the generator (hash schemes before 4 hashed it here)
         scratch = gcfg.kind == "scratch"
         g_hash = dataclasses.replace(g_legacy, sample=GenSampleConfig()) if scratch else g_legacy
+        # an earlier scheme's record of the generator is recognised by the sampling block it was trained with (its
+        # folder's config.yaml): opening an older study with other sampling settings keeps the trained generator
+        trained = _trained_sampling(paths.generator) if scratch else None
+        if trained is not None:
+            g_legacy = dataclasses.replace(g_legacy, sample=trained)
         units.append(_job_unit("generator", "generator", paths.generator, g_hash, _train_gen, (gcfg, paths.generator),
                                upstream=["split"], done_file="generator.json", legacy_config={3: g_legacy}))
         # the real-only reference classifier comes next: it needs only the split, so with study.workers > 1 it
@@ -149,11 +166,14 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
         legacy = [*rare, *(c for c in gen.per_class_of if c not in rare)]
         sampling = to_dict(gcfg.sample) if scratch else None
         s_cfg: dict[str, Any] = {"generation": gen, "classes": list(drawn)}
+        s_old: dict[str, Any] = dict(s_cfg)
+        if trained is not None and trained != gcfg.sample:  # earlier schemes' samples were drawn with ``trained``:
+            s_old["unmatchable"] = "drawn with another sampling block"  # a record of them must not be carried over
         units.append(Unit("samples", "samples", paths.samples,
                           {**s_cfg, "sampling": gcfg.sample} if scratch else s_cfg,
                           lambda resume: _generate(paths, gen, drawn, sampling),
                           upstream=["generator"], done_file="manifest.csv",
-                          legacy_config={2: {"generation": gen, "classes": legacy}, 3: s_cfg}))
+                          legacy_config={2: {**s_old, "classes": legacy}, 3: s_old}))
         synthetic_src["unfiltered"] = ("samples", paths.samples / "manifest.csv")
 
         units.append(Unit("filter", "filter", paths.filtered, cfg.filter,
@@ -250,6 +270,41 @@ def write_provenance(paths: StudyPaths) -> Path:
 # The study
 # ----------------------------------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class StudyPreview:
+    """What a run of the study would do (:func:`preview_study`); ``str()`` gives it as a short table."""
+
+    folder: Path
+    changed: dict[str, tuple[Any, Any]] | None  # settings that differ from the saved config.yaml (None: no study yet)
+    units: list[dict[str, Any]]  # UnitRunner.preview's rows, in run order
+
+    def __str__(self) -> str:
+        if self.changed is None:
+            lines = [f"{self.folder}: no study here yet"]
+        else:
+            lines = [f"{self.folder}: " + ("the saved settings" if not self.changed else "settings changed since the "
+                                            "last run:")]
+            lines += [f"  {k}: {a!r} -> {b!r}" for k, (a, b) in self.changed.items()]
+        width = max(len(r["unit"]) for r in self.units)
+        for r in self.units:
+            lost = f"; deletes {r['deletes']} ({r['wall_s']:.0f} s of work)" if r.get("deletes") else ""
+            lines.append(f"  {r['action']:<6} {r['unit']:<{width}}  {r['why']}{lost}")
+        counts = {a: sum(r["action"] == a for r in self.units) for a in ("skip", "resume", "rerun", "run")}
+        lines.append(", ".join(f"{n} to {a}" for a, n in counts.items() if n))
+        return "\n".join(lines)
+
+
+def preview_study(cfg: StudyConfig, out: str | Path) -> StudyPreview:
+    """What ``run_study(cfg, out)`` would do, without running, writing or deleting anything: the settings that differ
+    from the study's saved config.yaml, and each unit's action (skip / resume / rerun / run) with its reason; a rerun
+    names the folder it would delete and the work recorded in it."""
+    paths = StudyPaths(out)
+    units = plan(cfg, paths.root)[0]  # validates the whole config, as a run would
+    changed = (config_diff(read_saved(StudyConfig, read_yaml(paths.config), paths.config), cfg)
+               if paths.config.is_file() else None)
+    return StudyPreview(paths.root, changed, UnitRunner(paths.root, units).preview())
+
+
 def run_study(cfg: StudyConfig, out: str | Path) -> Path:
     """Run or resume the study in ``out``; returns the report's HTML path (or the aggregate folder without report)."""
     paths = StudyPaths(out)
@@ -287,4 +342,4 @@ def run_study(cfg: StudyConfig, out: str | Path) -> Path:
     return result
 
 
-__all__ = ["run_study", "plan", "write_provenance"]
+__all__ = ["run_study", "preview_study", "StudyPreview", "plan", "write_provenance"]

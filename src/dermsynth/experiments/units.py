@@ -150,23 +150,59 @@ class UnitRunner:
             for scheme, older in self._older.items():
                 older[u.name] = unit_hash(u, older, scheme=scheme)
 
-    def carry_over(self) -> int:
-        """Re-record states written under an older hash scheme whose config is unchanged; returns how many. A unit of
-        a versioned stage recorded under a scheme that did not hash the version (1, 2: the stage changed since) is not
-        carried over, nor is any unit downstream of one that was not: both rerun."""
-        n, current = 0, set()
+    def _carried(self) -> list[Unit]:
+        """The units whose records carry_over would re-record (nothing is written here)."""
+        out, current = [], set()
         for u in self.units:  # upstream first
             st = self.state(u)
             older = {h[u.name] for s, h in self._older.items() if s >= 3 or u.stage not in STAGE_VERSIONS}
             if st.get("hash") == u.hash:
                 current.add(u.name)
             elif st and st.get("hash") in older and all(x in current for x in u.upstream):
-                atomic_write_json(self.state_path(u), {**st, "hash": u.hash})
                 current.add(u.name)
-                n += 1
-        if n:
-            log.info("%d unit record(s) carried over to the current config hash", n)
-        return n
+                out.append(u)
+        return out
+
+    def carry_over(self) -> int:
+        """Re-record states written under an older hash scheme whose config is unchanged; returns how many. A unit of
+        a versioned stage recorded under a scheme that did not hash the version (1, 2: the stage changed since) is not
+        carried over, nor is any unit downstream of one that was not: both rerun."""
+        carried = self._carried()
+        for u in carried:
+            atomic_write_json(self.state_path(u), {**self.state(u), "hash": u.hash})
+        if carried:
+            log.info("%d unit record(s) carried over to the current config hash", len(carried))
+        return len(carried)
+
+    def preview(self) -> list[dict[str, Any]]:
+        """What run_all would do to each unit, in run order, without writing or deleting anything: one dict per unit
+        with ``unit``, ``stage``, ``action`` ("skip", "resume", "rerun", "run") and ``why``; a rerun also gives the
+        folder it deletes and the wall seconds its record had spent (``deletes``, ``wall_s``)."""
+        carried = {u.name for u in self._carried()}
+        rows, redo = [], set()
+        for u in self.units:
+            st = self.state(u)
+            finished = u.done_file is None or (u.out is not None and (u.out / u.done_file).is_file())
+            row: dict[str, Any] = {"unit": u.name, "stage": u.stage}
+            if st.get("hash") == u.hash or u.name in carried:
+                earlier = " (recorded by an earlier release)" if u.name in carried else ""
+                if st.get("status") == "done" and finished:
+                    row.update(action="skip", why="done with this config" + earlier)
+                else:
+                    row.update(action="resume", why="interrupted" + earlier)
+            elif st or (u.out is not None and u.out.exists()):
+                up = [x for x in u.upstream if x in redo]
+                why = (f"upstream {', '.join(up)} reruns" if st and up else
+                       "its config changed (or a release changed its stage)" if st else
+                       "its folder has no record of what made it")
+                row.update(action="rerun", why=why, deletes=str(u.out) if u.out is not None and u.out.exists() else None,
+                           wall_s=float(st.get("wall_s", 0.0)))
+            else:
+                row.update(action="run", why="new")
+            if row["action"] in ("rerun", "run"):
+                redo.add(u.name)
+            rows.append(row)
+        return rows
 
     # ---- state ---------------------------------------------------------------------------------------------------
 
