@@ -148,6 +148,7 @@ def test_dinov2_refuses_weights_that_do_not_fit_its_model(tiny_dinov2, tmp_path)
 def test_dinov2_loads_the_original_release_at_another_input_size(tiny_dinov2, tmp_path):
     """The released weights come with a mask token and position embeddings for another grid (518 px): the token is
     dropped and the embeddings resampled to the input size asked for, so every other weight is the file's own."""
+    import timm
     from safetensors.torch import save_file
     from timm.layers import resample_abs_pos_embed
 
@@ -160,6 +161,8 @@ def test_dinov2_loads_the_original_release_at_another_input_size(tiny_dinov2, tm
     assert torch.allclose(got["pos_embed"], resample_abs_pos_embed(state["pos_embed"], (3, 3), num_prefix_tokens=1))
     assert all(torch.equal(v, state[k]) for k, v in got.items() if k != "pos_embed")
     assert e(_images(2, size=42)).shape == (2, 384)
+    assert e.version.endswith(f"-pe-timm{timm.__version__}")  # resampled by this timm: its own cache
+    assert "-pe-" not in make_extractor(ExtractorSpec("dinov2", input_size=28, weights=str(release))).version
 
 
 def test_inception_cache_version_follows_the_weight_content(tmp_path, monkeypatch):

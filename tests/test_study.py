@@ -77,6 +77,9 @@ def test_every_stage_ran_and_the_report_was_built(finished):
         assert f.is_file(), f
     samples = pd.read_csv(paths.samples / "manifest.csv")
     assert samples["label"].value_counts().to_dict() == {"mel": 8, "vasc": 8, "df": 4}  # generation.per_class_of
+    drawn = json.loads((paths.samples / "samples.json").read_text())
+    assert (drawn["sampler"], drawn["steps"], drawn["batch_size"]) == ("ddim", 3, 8)  # generator.sample, generation
+    assert "samples.json (the settings the study's samples were drawn with)" in paths.report_md.read_text()
 
     # the hybrid runs really trained on synthetic images: the filtered set, or the raw samples for "unfiltered"
     hyb = json.loads((paths.classifier("hybrid", 1) / "metrics.json").read_text())
@@ -276,6 +279,11 @@ def test_a_dry_run_says_what_a_run_would_do_and_changes_nothing(finished, tmp_pa
     fresh = preview_study(tiny(), tmp_path / "new")
     assert fresh.changed is None and {r["action"] for r in fresh.units} == {"run"}
     assert not (tmp_path / "new").exists()
+    other = tmp_path / "other"  # a config saved by a release with a key this one lacks: a run would not read it
+    other.mkdir()
+    (other / "config.yaml").write_text((finished / "config.yaml").read_text() + "retired_knob: 1\n")
+    odd = preview_study(tiny(), other)
+    assert odd.changed is None and "retired_knob" in odd.unreadable and "cannot be compared" in str(odd)
 
 
 def test_folders_of_units_a_changed_config_no_longer_plans_are_not_reported(finished, tmp_path, monkeypatch):

@@ -148,6 +148,12 @@ def test_changing_how_a_study_samples_redraws_the_samples_without_retraining(tmp
         assert now["samples"] != base["samples"] and now["filter"] != base["filter"], change
         assert now["classifier/real/seed0"] == base["classifier/real/seed0"], change
     assert _hashes(tmp_path, "generator.train.steps=31")["generator"] != base["generator"]
+    # only the settings that take effect count: generation.steps overrides generator.sample.steps
+    assert (_hashes(tmp_path, "generation.steps=5", "generator.sample.steps=7")["samples"]
+            == _hashes(tmp_path, "generation.steps=5")["samples"] != base["samples"])
+    # an SD-1.5 generator samples with generator.sd's settings: the block changes neither unit
+    sd = _hashes(tmp_path, "generator.kind=sd15_lora")
+    assert _hashes(tmp_path, "generator.kind=sd15_lora", "generator.sample.steps=7") == sd
 
 
 def test_a_study_recorded_under_the_third_scheme_is_carried_over_whole(tmp_path):

@@ -720,7 +720,10 @@ def _provenance(doc: Doc, paths: StudyPaths, split: dict | None, info: dict) -> 
     if paths.config.is_file():
         doc.pre(paths.config.read_text(), "study config (config.yaml)")
     if gen:
-        doc.pre(json.dumps(gen, indent=1), "generator.json")
+        doc.pre(json.dumps(gen, indent=1), "generator.json (its sampling block is the one it was trained with)")
+    drawn = _json(paths.samples / "samples.json") if _current(paths, info, "samples") else None
+    if drawn:
+        doc.pre(json.dumps(drawn, indent=1), "samples.json (the settings the study's samples were drawn with)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

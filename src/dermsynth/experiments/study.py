@@ -23,7 +23,7 @@ from typing import Any, Callable
 from dermsynth import __version__
 from dermsynth.classify.config import ClfConfig
 from dermsynth.classify.train import train_classifier
-from dermsynth.config import ConfigError, config_diff, read_saved, read_yaml, save_config, to_dict
+from dermsynth.config import ConfigError, config_diff, from_dict, read_saved, read_yaml, save_config, to_dict
 from dermsynth.data.labels import parse_classes
 from dermsynth.data.prepare import prepare
 from dermsynth.data.split import make_split
@@ -100,9 +100,18 @@ def _trained_sampling(gen_dir: Path) -> GenSampleConfig | None:
     if not path.is_file():
         return None
     try:
-        return read_saved(GenConfig, read_yaml(path), path).sample
-    except ConfigError:  # another release's file: the current block stands in, as before scheme 4
+        return from_dict(GenSampleConfig, read_yaml(path).get("sample") or {}, "sample")
+    except (ConfigError, AttributeError):  # not a config this release reads: the current block stands in
         return None
+
+
+def _effective_sampling(sample: GenSampleConfig, gen: GenerationConfig) -> GenSampleConfig:
+    """The sampling settings a from-scratch study's samples are drawn with: generation.* where set, else
+    generator.sample (use_ema does not count when the raw weights are asked for)."""
+    given = {k: getattr(gen, k) for k in ("sampler", "steps", "guidance", "batch_size") if getattr(gen, k) is not None}
+    if gen.checkpoint == "raw":
+        given["use_ema"] = GenSampleConfig().use_ema
+    return dataclasses.replace(sample, **given)
 
 
 def _hashable(cfg: ClfConfig) -> ClfConfig:
@@ -144,12 +153,13 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
         gcfg = dataclasses.replace(cfg.generator, data=dataclasses.replace(cfg.generator.data, split=str(paths.split)))
         g_legacy = dataclasses.replace(gcfg, data=dataclasses.replace(gcfg.data, split=None))
         # how a from-scratch generator samples (generator.sample) is the samples unit's business: hashed there, it
-        # redraws the samples without retraining the generator (hash schemes before 4 hashed it here)
+        # redraws the samples without retraining the generator (hash schemes before 4 hashed it here). SD-1.5 runs
+        # sample with generator.sd's settings and ignore the block.
         scratch = gcfg.kind == "scratch"
-        g_hash = dataclasses.replace(g_legacy, sample=GenSampleConfig()) if scratch else g_legacy
+        g_hash = dataclasses.replace(g_legacy, sample=GenSampleConfig())
         # an earlier scheme's record of the generator is recognised by the sampling block it was trained with (its
         # folder's config.yaml): opening an older study with other sampling settings keeps the trained generator
-        trained = _trained_sampling(paths.generator) if scratch else None
+        trained = _trained_sampling(paths.generator)
         if trained is not None:
             g_legacy = dataclasses.replace(g_legacy, sample=trained)
         units.append(_job_unit("generator", "generator", paths.generator, g_hash, _train_gen, (gcfg, paths.generator),
@@ -165,12 +175,14 @@ def plan(cfg: StudyConfig, out: str | Path) -> tuple[list[Unit], dict[str, dict[
         # releases before hash scheme 3 listed the classes that are not rare in per_class_of's order
         legacy = [*rare, *(c for c in gen.per_class_of if c not in rare)]
         sampling = to_dict(gcfg.sample) if scratch else None
+        effective = _effective_sampling(gcfg.sample, gen)
         s_cfg: dict[str, Any] = {"generation": gen, "classes": list(drawn)}
         s_old: dict[str, Any] = dict(s_cfg)
-        if trained is not None and trained != gcfg.sample:  # earlier schemes' samples were drawn with ``trained``:
-            s_old["unmatchable"] = "drawn with another sampling block"  # a record of them must not be carried over
+        if scratch and trained is not None and _effective_sampling(trained, gen) != effective:
+            # earlier schemes' samples were drawn with the trained block: a record of them must not be carried over
+            s_old["unmatchable"] = "drawn with other sampling settings"
         units.append(Unit("samples", "samples", paths.samples,
-                          {**s_cfg, "sampling": gcfg.sample} if scratch else s_cfg,
+                          {**s_cfg, "sampling": effective} if scratch else s_cfg,
                           lambda resume: _generate(paths, gen, drawn, sampling),
                           upstream=["generator"], done_file="manifest.csv",
                           legacy_config={2: {**s_old, "classes": legacy}, 3: s_old}))
@@ -275,11 +287,14 @@ class StudyPreview:
     """What a run of the study would do (:func:`preview_study`); ``str()`` gives it as a short table."""
 
     folder: Path
-    changed: dict[str, tuple[Any, Any]] | None  # settings that differ from the saved config.yaml (None: no study yet)
+    changed: dict[str, tuple[Any, Any]] | None  # settings that differ from the saved config.yaml (None: not known)
     units: list[dict[str, Any]]  # UnitRunner.preview's rows, in run order
+    unreadable: str | None = None  # why the saved config.yaml could not be compared (another release's keys)
 
     def __str__(self) -> str:
-        if self.changed is None:
+        if self.unreadable is not None:
+            lines = [f"{self.folder}: its saved config cannot be compared ({self.unreadable})"]
+        elif self.changed is None:
             lines = [f"{self.folder}: no study here yet"]
         else:
             lines = [f"{self.folder}: " + ("the saved settings" if not self.changed else "settings changed since the "
@@ -300,9 +315,13 @@ def preview_study(cfg: StudyConfig, out: str | Path) -> StudyPreview:
     names the folder it would delete and the work recorded in it."""
     paths = StudyPaths(out)
     units = plan(cfg, paths.root)[0]  # validates the whole config, as a run would
-    changed = (config_diff(read_saved(StudyConfig, read_yaml(paths.config), paths.config), cfg)
-               if paths.config.is_file() else None)
-    return StudyPreview(paths.root, changed, UnitRunner(paths.root, units).preview())
+    changed, unreadable = None, None
+    if paths.config.is_file():
+        try:
+            changed = config_diff(read_saved(StudyConfig, read_yaml(paths.config), paths.config), cfg)
+        except ConfigError as e:  # a run does not read it: the preview must not refuse either
+            unreadable = str(e)
+    return StudyPreview(paths.root, changed, UnitRunner(paths.root, units).preview(), unreadable)
 
 
 def run_study(cfg: StudyConfig, out: str | Path) -> Path:

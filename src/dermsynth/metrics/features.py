@@ -195,9 +195,14 @@ def _dinov2(spec: ExtractorSpec) -> Extractor:
     net = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=spec.input_size)
     # timm's own checkpoint filter: it renames the original DINOv2 release's keys (mask_token dropped) and resamples
     # position embeddings saved for another input size (the released weights are for 518 px) to this grid
-    _load_exactly(net, checkpoint_filter_fn(load_state_file(spec.weights), net), spec.weights)
+    state = load_state_file(spec.weights)
+    pos = state.get("pos_embed")
+    resampled = pos is not None and tuple(pos.shape) != tuple(net.pos_embed.shape)
+    _load_exactly(net, checkpoint_filter_fn(state, net), spec.weights)
     stamp = weights_stamp(spec.weights)  # the content, not the size: same-architecture files are all one size
-    return _TorchExtractor("dinov2", f"dinov2-vits14-{stamp}-s{spec.input_size}-v1", net.num_features, net,
+    # resampled position embeddings are timm's interpolation's: another timm may compute other features
+    version = f"dinov2-vits14-{stamp}-s{spec.input_size}-v1" + (f"-pe-timm{timm.__version__}" if resampled else "")
+    return _TorchExtractor("dinov2", version, net.num_features, net,
                            _resize_norm(spec.input_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
                            _device(spec.device), spec.batch_size)
 
