@@ -156,14 +156,11 @@ def test_changing_how_a_study_samples_redraws_the_samples_without_retraining(tmp
     assert _hashes(tmp_path, "generator.kind=sd15_lora", "generator.sample.steps=7") == sd
 
 
-def test_a_study_recorded_under_the_third_scheme_is_carried_over_whole(tmp_path):
-    """The third scheme hashed generator.sample with the generator and not with the samples: a study recorded then
-    (here with sampling settings that differ from the defaults) reruns nothing, filter and quality included."""
-    cfg = _tiny("generator.sample.steps=7", "generation.per_class_of={nv: 6, bkl: 5}")
-    units = plan(cfg, tmp_path)[0]
-    runner = UnitRunner(tmp_path, units)
+def _record_third_scheme(runner: UnitRunner, cfg: StudyConfig, study: Path) -> dict[str, str]:
+    """Record every unit of ``cfg``'s plan done, as the release of the third scheme hashed it (generator.sample with
+    the generator, not with the samples); returns the recorded hashes."""
     old: dict[str, str] = {}
-    for u in units:  # as the release of the third scheme planned them
+    for u in plan(cfg, study)[0]:
         if u.name == "generator":
             u = dataclasses.replace(u, config=dataclasses.replace(
                 cfg.generator, data=dataclasses.replace(cfg.generator.data, split=None)), legacy_config=None)
@@ -172,6 +169,16 @@ def test_a_study_recorded_under_the_third_scheme_is_carried_over_whole(tmp_path)
                                     legacy_config=None)
         old[u.name] = unit_hash(u, old, scheme=3)
         _record(runner, u, old[u.name])
+    return old
+
+
+def test_a_study_recorded_under_the_third_scheme_is_carried_over_whole(tmp_path):
+    """The third scheme hashed generator.sample with the generator and not with the samples: a study recorded then
+    (here with sampling settings that differ from the defaults) reruns nothing, filter and quality included."""
+    cfg = _tiny("generator.sample.steps=7", "generation.per_class_of={nv: 6, bkl: 5}")
+    units = plan(cfg, tmp_path)[0]
+    runner = UnitRunner(tmp_path, units)
+    _record_third_scheme(runner, cfg, tmp_path)
     assert not any(runner.state(u)["hash"] == u.hash for u in units)
     assert runner.carry_over() == len(units)
     assert all(runner.state(u)["hash"] == u.hash for u in units) and runner.carry_over() == 0
@@ -185,17 +192,8 @@ def test_a_third_scheme_study_opened_with_other_sampling_settings_keeps_its_gene
     from dermsynth.paths import StudyPaths
 
     was, now = _tiny("generator.sample.steps=7"), _tiny("generator.sample.steps=9")
-    old: dict[str, str] = {}
     runner = UnitRunner(tmp_path, plan(now, tmp_path)[0])
-    for u in plan(was, tmp_path)[0]:  # recorded as the third scheme's release did, with steps 7
-        if u.name == "generator":
-            u = dataclasses.replace(u, config=dataclasses.replace(
-                was.generator, data=dataclasses.replace(was.generator.data, split=None)), legacy_config=None)
-        elif u.name == "samples":
-            u = dataclasses.replace(u, config={"generation": was.generation, "classes": u.config["classes"]},
-                                    legacy_config=None)
-        old[u.name] = unit_hash(u, old, scheme=3)
-        _record(runner, u, old[u.name])
+    old = _record_third_scheme(runner, was, tmp_path)  # with steps 7
     save_config(was.generator, StudyPaths(tmp_path).generator / "config.yaml")  # as its training wrote it
     runner = UnitRunner(tmp_path, plan(now, tmp_path)[0])
     rerun = {"samples", "filter", "quality/samples", "quality/filtered"} | {
