@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from dermsynth.cli import main
-from dermsynth.config import ConfigError, config_hash, load_config, save_config
+from dermsynth.config import ConfigError, config_diff, config_hash, load_config, save_config
 from dermsynth.data.split import SplitConfig
 
 
@@ -83,6 +83,20 @@ def test_bad_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(Cfg, tmp_path / "list.yaml")
+
+
+def test_config_diff_names_each_changed_field_once():
+    @dataclass
+    class WithMap:
+        counts: dict[str, int] = field(default_factory=dict)
+        train: Train = field(default_factory=Train)
+
+    assert config_diff(Cfg(), Cfg()) == {}
+    assert config_diff(Cfg(), load_config(Cfg, None, ["train.lr=1e-3", "classes=df"])) == {
+        "classes": (["df", "vasc"], ["df"]), "train.lr": (3e-4, 1e-3)}
+    # a mapping field is one value, not one entry per key: {} -> {nv: 6} is a single change
+    assert config_diff(WithMap(), WithMap(counts={"nv": 6})) == {"counts": ({}, {"nv": 6})}
+    assert config_diff(Cfg(), Cfg(out=Path("elsewhere"))) == {"out": ("runs", "elsewhere")}
 
 
 def test_save_round_trip_and_hash(tmp_path):

@@ -148,16 +148,19 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+def _fields(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Every field of a nested dataclass config by its dotted name; a mapping or list field is one value."""
+    if not dataclasses.is_dataclass(cfg):
+        return {prefix: to_dict(cfg)}
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        out.update(_fields(getattr(cfg, f.name), f"{prefix}.{f.name}" if prefix else f.name))
     return out
 
 
 def config_diff(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
-    """The dotted keys whose values differ between two configs of one dataclass, as (old, new), sorted by key."""
-    a, b = _flat(to_dict(old)), _flat(to_dict(new))
+    """The dotted fields whose values differ between two configs of one dataclass, as (old, new), sorted by name."""
+    a, b = _fields(old), _fields(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
