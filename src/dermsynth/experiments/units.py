@@ -182,11 +182,10 @@ class UnitRunner:
         rows, redo = [], set()
         for u in self.units:
             st = self.state(u)
-            finished = u.done_file is None or (u.out is not None and (u.out / u.done_file).is_file())
             row: dict[str, Any] = {"unit": u.name, "stage": u.stage}
             if st.get("hash") == u.hash or u.name in carried:
                 earlier = " (recorded by an earlier release)" if u.name in carried else ""
-                if st.get("status") == "done" and finished:
+                if st.get("status") == "done" and self._finished(u):
                     row.update(action="skip", why="done with this config" + earlier)
                 else:
                     row.update(action="resume", why="interrupted" + earlier)
@@ -216,10 +215,14 @@ class UnitRunner:
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
+    @staticmethod
+    def _finished(unit: Unit) -> bool:
+        """The unit's completion file exists (or it has none)."""
+        return unit.done_file is None or (unit.out is not None and (unit.out / unit.done_file).is_file())
+
     def is_done(self, unit: Unit) -> bool:
         st = self.state(unit)
-        finished = unit.done_file is None or (unit.out is not None and (unit.out / unit.done_file).is_file())
-        return st.get("hash") == unit.hash and st.get("status") == "done" and finished
+        return st.get("hash") == unit.hash and st.get("status") == "done" and self._finished(unit)
 
     def _write_state(self, unit: Unit, **kv: Any) -> None:
         atomic_write_json(self.state_path(unit), {"unit": unit.name, "stage": unit.stage, "hash": unit.hash,

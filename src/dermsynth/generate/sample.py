@@ -54,16 +54,16 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
     guidance, batch_size, use_ema, precision, clip_x0) to use in place of the one generator.json recorded at training
     time; the study passes its current ``generator.sample``, so that changing how it samples does not retrain.
     """
-    # from the checkpoint argument and the generator's sampling block (use_ema, precision, clip_x0), unless drawing
-    # like a folder: then the folder's, since the generator's block is what its latest training wrote
-    weights = precision = clip_x0 = None
+    weights = None  # from the checkpoint argument and the generator's sampling.use_ema, unless drawing like a folder
     if like is not None:
         if seed is None:
             raise ConfigError(f"drawing like {like} needs a seed (--seed): its own seed would draw the same images")
         a = settings_like(like, gen_run, sampler, steps, guidance, batch_size, checkpoint, strength, init_from)
         gen_run, sampler, steps, guidance = a["gen_run"], a["sampler"], a["steps"], a["guidance"]
         batch_size, checkpoint, strength, init_from = a["batch_size"], a["checkpoint"], a["strength"], a["init_from"]
-        weights, precision, clip_x0 = a["weights"], a["precision"], a["clip_x0"]
+        weights = a["weights"]
+        # the folder's precision and x0 clipping, not the generator's block (what its latest training wrote)
+        sampling = {**(sampling or {}), **{k: a[k] for k in ("precision", "clip_x0") if a[k] is not None}}
     if gen_run is None:
         raise ConfigError("generate needs a generator run (--gen) or a samples folder to draw like (--like)")
     seed, checkpoint = seed or 0, checkpoint or "latest"
@@ -90,12 +90,12 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
     state = PartialState()
     plan = plan_scratch(gen_run, info, classes, per_class, out, sampler, steps, guidance, seed, batch_size,
                         checkpoint, strength, write=state.is_main_process, init_from=init_from, weights=weights,
-                        precision=precision, clip_x0=clip_x0, sampling=sampling)
+                        sampling=sampling)
     if state.num_processes > 1:  # the others read the samples.json the main process just wrote
         state.wait_for_everyone()
         plan = plan_scratch(gen_run, info, classes, per_class, out, sampler, steps, guidance, seed, batch_size,
                             checkpoint, strength, write=False, init_from=init_from, weights=weights,
-                            precision=precision, clip_x0=clip_x0, sampling=sampling)
+                            sampling=sampling)
     with run_log(plan.folder) if state.is_main_process else contextlib.nullcontext():
         run_shard(plan, state.process_index, state.num_processes, state.device)
         state.wait_for_everyone()
@@ -109,12 +109,12 @@ def generate(gen_run: str | Path | None, classes: str | list[str] = "df,vasc,mel
 def plan_scratch(gen_run: Path, info: Mapping[str, Any], classes: str | list[str], per_class: int,
                  out: str | Path | None, sampler: str | None, steps: int | None, guidance: float | None, seed: int,
                  batch_size: int | None, checkpoint: str, strength: float = 1.0, write: bool = True,
-                 init_from: Mapping[str, str] | None = None, weights: str | None = None, precision: str | None = None,
-                 clip_x0: bool | None = None, sampling: Mapping[str, Any] | None = None) -> SamplePlan:
+                 init_from: Mapping[str, str] | None = None, weights: str | None = None,
+                 sampling: Mapping[str, Any] | None = None) -> SamplePlan:
     """Resolve defaults, checkpoint and folder; check (or create) the folder's samples.json; list the batches.
 
     ``weights``: "ema" or "raw"; None = raw when ``checkpoint`` is "raw" or the generator samples without EMA.
-    ``precision`` / ``clip_x0``: None = the generator's sampling block (``sampling``, else generator.json's)."""
+    ``sampling``: entries that replace those of the generator's recorded sampling block."""
     wanted = parse_classes(classes)
     unknown = [c for c in wanted if c not in info["classes"]]
     if unknown:
@@ -136,8 +136,7 @@ def plan_scratch(gen_run: Path, info: Mapping[str, Any], classes: str | list[str
         "checkpoint_step": step, "checkpoint_hash": sha256_file(ckpt / weights_file(weights))[:16],
         "weights": weights, "sampler": sampler, "steps": steps, "guidance": guidance, "seed": int(seed),
         "batch_size": batch_size, "image_size": int(info["image_size"]),
-        "precision": precision or defaults.get("precision", "auto"),
-        "clip_x0": bool(defaults.get("clip_x0", True) if clip_x0 is None else clip_x0),
+        "precision": defaults.get("precision", "auto"), "clip_x0": bool(defaults.get("clip_x0", True)),
         "split": info.get("split"), "split_fingerprint": info.get("split_fingerprint"),
         "strength": float(strength) if strength != 1.0 else None, "init_from": dict(init_from) if init_from else None,
     }
