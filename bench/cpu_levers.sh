@@ -48,6 +48,12 @@
 #   - ratio 0.5 (gen2400_e6_r0.5_with KEY=VALUE ..., on a copy of a gen2400_e6_with folder): the same pair with
 #     twice the synthetic images per class (more samples are drawn). Why: at ratio 0.25 the stricter filter's recipe
 #     gained in the mean over oversampling (within noise); the rare-only sweep of the first form lost least at 0.5.
+#   - redraw (redraw_with KEY=VALUE ..., on a copy of a gen2400_e6_with folder): the pair's hybrid beside the same
+#     hybrid with data.synthetic_redraw (each epoch draws its synthetic images afresh from all that were kept, at the
+#     same ratio), both on a larger draw of the classes oversampling repeats most (REDRAW_DRAW: the kept pool 2-4x
+#     what ratio 0.25 asks in df, vasc, akiec, bcc, bkl and mel; nv, drawn less than once an epoch, as before). Why:
+#     with oversampling each synthetic df image was seen ~12 times an epoch, so the classifier could learn the few
+#     images one by one; a fresh draw each epoch shows it several times as many at the same share.
 #   - on that folder again: gen2400_rare_e4 adds the rare-only recipe (real-only last epoch, 4 epochs), which beat the
 #     every-class one on test at 2 epochs though validation chose the latter; gen2400_e6 adds 6 epochs for oversampling
 #     and for both recipes. Why: at 4 epochs the better generator first lifted the synthetic recipes above
@@ -71,7 +77,7 @@
 # and 4 added).
 set -euo pipefail
 FORMS="'' (ratio and class), all, realend, epochs4, gen2400, gen2400_e4, gen2400_rare_e4, gen2400_e6,
-  gen2400_e6_seeds5, gen2400_e6_with KEY=VALUE ..., gen2400_e6_r0.5_with KEY=VALUE ..."
+  gen2400_e6_seeds5, gen2400_e6_with KEY=VALUE ..., gen2400_e6_r0.5_with KEY=VALUE ..., redraw_with KEY=VALUE ..."
 STUDY=${1:?usage: bash bench/cpu_levers.sh <study folder> [form: $FORMS]}
 PY=${PYTHON:-python3}
 # the real-only conditions of configs/ham10000_cpu.yaml, unchanged: their finished runs are reused
@@ -100,6 +106,9 @@ ALL_END_E6_R05="{name: hybrid_oversample_all_r0.5_realend_e6, sampler: oversampl
 # enough for ratio 0.5 after the stricter filter (class_prob_quantile 0.5 kept 37 % of bkl, 45 % of vasc, 61 % of
 # akiec and 87-92 % of the others): train has nv 4,705, bkl 767, mel 783, bcc 356, akiec 229, vasc 102, df 80
 ALL_DRAW_R05='generation.per_class_of={df: 100, vasc: 140, mel: 480, nv: 2800, bkl: 1100, bcc: 230, akiec: 200}'
+ALL_END_E6_REDRAW="{name: hybrid_oversample_all_r0.25_realend_e6_redraw, $R25,
+  set: {$SEVEN, train.real_only_last_epochs: 1, train.epochs: 6, data.synthetic_redraw: true}}"
+REDRAW_DRAW='generation.per_class_of={df: 210, vasc: 190, mel: 600, nv: 1400, bkl: 520, bcc: 650, akiec: 360}'
 RARE_END_E6="{name: hybrid_oversample_r0.25_realend_e6, $R25, set: {train.real_only_last_epochs: 1, train.epochs: 6}}"
 OVER_E4='{name: oversampling_e4, sampler: oversample, set: {train.epochs: 4}}'
 OVER_E6='{name: oversampling_e6, sampler: oversample, set: {train.epochs: 6}}'
@@ -148,6 +157,13 @@ case ${2:-} in
     for kv in "${@:3}"; do sets+=(--set "$kv"); done
     if [[ $2 == gen2400_e6_with ]]; then e6_pair $E6 "$ALL_END_E6" "${sets[@]}"
     else e6_pair hybrid_oversample_all_r0.5_realend_e6 "$ALL_END_E6_R05" --set "$ALL_DRAW_R05" "${sets[@]}"; fi ;;
+  # the pair's hybrid with and without a fresh draw of its synthetic images each epoch, on a larger draw
+  redraw_with) sets=()
+    for kv in "${@:3}"; do sets+=(--set "$kv"); done
+    study --set "$REDRAW_DRAW" --set generator.train.steps=2400 \
+      --set "conditions=[$OVER_E6, $ALL_END_E6, $ALL_END_E6_REDRAW]" --set 'baselines=[oversampling_e6]' \
+      --set "sweep={of: $E6, ratios: [], zero: ''}" --set "primary=$E6" \
+      --set "primary_from=[$E6, hybrid_oversample_all_r0.25_realend_e6_redraw]" "${sets[@]}" ;;
   "") study --set 'generation.per_class_of={df: 400, vasc: 300, mel: 1700}' \
     --set "conditions=[$REAL,
       {name: hybrid, loss: focal, set: {train.focal_alpha: balanced}, synthetic: filtered, ratio: 1.0},

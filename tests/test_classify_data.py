@@ -11,6 +11,7 @@ import pytest
 from dermsynth.classify.config import ClfConfig, DataConfig
 from dermsynth.classify.data import check_no_synthetic, load_clf_data, load_images, open_caches, synthetic_ratios
 from dermsynth.data.cache import build_cache
+from dermsynth.data.labels import CLASSES
 from dermsynth.data.manifest import read_manifest, write_manifest
 from dermsynth.data.split import make_split
 from dermsynth.data.toy import ToyConfig, make_toy
@@ -75,6 +76,19 @@ def test_ratio_settings(toy_split, synthetic):
     assert synthetic_ratios(DataConfig(synthetic_classes=["vascular"], synthetic_ratio=0.25)) == {"vasc": 0.25}
     none = load_clf_data(_cfg(toy_split))
     assert (none.train["source"] != "synthetic").all() and none.synthetic == {}
+
+
+def test_redraw_keeps_the_whole_pool_and_a_per_epoch_quota(toy_split, synthetic):
+    fixed = load_clf_data(_cfg(toy_split, synthetic, synthetic_ratio=0.25))
+    d = load_clf_data(_cfg(toy_split, synthetic, synthetic_ratio=0.25, synthetic_redraw=True))
+    assert d.synthetic["redraw"] and not fixed.synthetic["redraw"] and fixed.synthetic_quota() == {}
+    assert d.synthetic["per_class"] == fixed.synthetic["per_class"]  # the same mix per epoch
+    counts, fixed_counts = d.train_counts(), fixed.train_counts()
+    for c in ("vasc", "mel"):  # all 30 synthetic images are in the train part; an epoch draws its quota of them
+        used = d.synthetic["per_class"][c]["used"]
+        assert 0 < used < 30 and (d.train["label"].eq(c) & d.synthetic_mask()).sum() == 30
+        assert counts[c] == {**fixed_counts[c], "synthetic_pool": 30} and d.synthetic_quota()[CLASSES.index(c)] == used
+    assert (d.train["image_id"] == "syn_nv_0000").sum() == 0  # a class without a ratio gets none, pool or not
 
 
 def test_synthetic_in_val_or_test_is_refused(toy_split, tmp_path):

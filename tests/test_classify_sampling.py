@@ -8,7 +8,7 @@ import torch
 from dermsynth.classify.augment import (augment_batch, color_jitter, dihedral, dihedral_views, lowres, randaugment,
                                        zoom)
 from dermsynth.classify.config import AugmentConfig
-from dermsynth.classify.sampling import epoch_order, oversample_weights, shard_batches
+from dermsynth.classify.sampling import epoch_order, epoch_rows, oversample_weights, shard_batches
 
 LABELS = np.array([5] * 80 + [4] * 12 + [2] * 5 + [3] * 2 + [6] * 1)
 
@@ -37,6 +37,27 @@ def test_epoch_orders():
     draws = np.concatenate([epoch_order(LABELS, e, 0, "oversample") for e in range(60)])
     freq = np.bincount(LABELS[draws], minlength=7)[[2, 3, 4, 5, 6]] / len(draws)
     assert np.allclose(freq, 0.2, atol=0.02)
+
+
+def test_epoch_rows_redraw_each_class_quota_from_its_pool():
+    labels = np.array([5] * 30 + [2] * 4 + [6] * 3 + [2] * 12 + [6] * 9 + [5] * 6)
+    syn = np.array([False] * 37 + [True] * 27)  # 12 df, 9 vasc, 6 nv synthetic rows after 37 real ones
+    assert np.array_equal(epoch_rows(labels, syn, {}, 0, 0), np.arange(64))  # no quota: every row, as before
+    quota = {2: 4, 6: 3, 5: 6}
+    picks = [epoch_rows(labels, syn, quota, e, 7) for e in range(40)]
+    for rows in picks:
+        assert np.all(np.diff(rows) > 0) and set(range(37)) <= set(rows)  # ascending; every real row, every epoch
+        assert len(rows) == 37 + 13 and {k: (labels[rows][syn[rows]] == k).sum() for k in quota} == quota
+    assert np.array_equal(picks[3], epoch_rows(labels, syn, quota, 3, 7))  # a function of (seed, epoch) only
+    assert not np.array_equal(picks[3], epoch_rows(labels, syn, quota, 3, 8))
+    seen = np.zeros(64, dtype=int)
+    for rows in picks:
+        seen[rows] += 1
+    df_pool = np.flatnonzero(syn & (labels == 2))
+    assert (seen[df_pool] > 0).all() and 0.2 < seen[df_pool].mean() / 40 < 0.47  # each df image in ~1/3 of epochs
+    assert (seen[syn & (labels == 5)] == 40).all()  # a quota as large as its pool takes it whole
+    with pytest.raises(ValueError, match="pool of 9"):
+        epoch_rows(labels, syn, {6: 10}, 0, 0)
 
 
 def test_shards_are_disjoint_equal_and_full_batches():

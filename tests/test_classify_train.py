@@ -251,6 +251,38 @@ def test_synthetic_loss_weight_scales_the_synthetic_rows_of_each_batch(toy_split
         train_classifier(tiny_cfg(toy_split, "train.synthetic_loss_weight=0"), tmp_path / "r3")
 
 
+def test_synthetic_redraw_shows_more_synthetic_images_at_the_same_share_and_resumes_exactly(toy_split, tmp_path,
+                                                                                            monkeypatch):
+    import dermsynth.classify.train as train_mod
+
+    syn = _write_synthetic(tmp_path / "syn", {"df": 20, "vasc": 20, "mel": 20})
+    seen: list[np.ndarray] = []
+    real_batch = train_mod._batch
+    monkeypatch.setattr(train_mod, "_batch", lambda images, labels, idx, *a: seen.append(idx) or
+                        real_batch(images, labels, idx, *a))
+    sets = [f"data.synthetic={syn}", "data.synthetic_ratio=0.5", "train.epochs=4"]
+    drawn = {}
+    for name, extra in (("fixed", []), ("redraw", ["data.synthetic_redraw=true"])):
+        seen.clear()
+        m = train_classifier(tiny_cfg(toy_split, *sets, *extra), tmp_path / name)
+        train_set = pd.read_csv(tmp_path / name / "train_set.csv")
+        ids = train_set["image_id"].to_numpy()[np.concatenate(seen)]
+        drawn[name] = (set(ids[np.char.startswith(ids.astype(str), "syn_")]), len(ids), m)
+    (fixed_ids, n_fixed, m_fixed), (redraw_ids, n_redraw, m_redraw) = drawn["fixed"], drawn["redraw"]
+    assert n_fixed == n_redraw  # the same steps per epoch: the quota, not the pool, sets an epoch's length
+    assert len(redraw_ids) > len(fixed_ids) == sum(v["synthetic"] for v in m_fixed["train_counts"].values())
+    assert {c: v["synthetic"] for c, v in m_redraw["train_counts"].items()} == \
+        {c: v["synthetic"] for c, v in m_fixed["train_counts"].items()}
+    assert m_redraw["train_counts"]["mel"]["synthetic_pool"] == 20 and m_redraw["synthetic"]["redraw"]
+    assert "each epoch draws its" in (tmp_path / "redraw" / "log.txt").read_text()
+
+    cfg = tiny_cfg(toy_split, *sets, "data.synthetic_redraw=true", "train.checkpoint_minutes=1e-9")  # killed in epoch 3
+    with pytest.raises(Interrupt):
+        train_classifier(cfg, tmp_path / "resumed", on_step=_interrupt_at(2 * len(seen) // 4 + 1))
+    train_classifier(cfg, tmp_path / "resumed", resume=True)
+    _same_run(tmp_path / "redraw", tmp_path / "resumed")
+
+
 def test_prior_shift_decision_is_fitted_on_val_and_scored_everywhere(toy_split, tmp_path):
     from sklearn.metrics import f1_score
 

@@ -23,6 +23,11 @@ class DataConfig:
     synthetic_classes: list[str] = field(default_factory=lambda: ["df", "vasc", "mel"])
     synthetic_ratio: float = 1.0
     synthetic_ratio_per_class: dict[str, float] = field(default_factory=dict)  # overrides synthetic_ratio per class
+    # Each epoch draws its synthetic images afresh from all that exist of a class: still round(ratio * n_real) of
+    # them, so every epoch's real:synthetic mix is the same as without it; false: one draw for the whole run. Why:
+    # with oversampling, a rare class's few synthetic images are each seen dozens of times, so a classifier can learn
+    # them one by one; a fresh draw shows it more different ones, each less often, at the same share.
+    synthetic_redraw: bool = False
     cache_dir: str | None = None  # preprocessed uint8 cache (default: dermsynth.paths.cache_root()/images)
     gpu_resident_max_gb: float = 16.0  # keep the uint8 images on the GPU when they fit under this
 

@@ -34,18 +34,31 @@ class ClfData:
     val: pd.DataFrame
     test: pd.DataFrame
     extra: dict[str, pd.DataFrame] = field(default_factory=dict)
-    synthetic: dict = field(default_factory=dict)  # what was mixed in: per class real/ratio/available/used
+    synthetic: dict = field(default_factory=dict)  # what was mixed in: per class real/ratio/available/used (per epoch)
     manifests: dict[str, pd.DataFrame] = field(default_factory=dict)  # full source manifests (cache units)
 
     def synthetic_mask(self) -> np.ndarray:
         """True for the training rows that are synthetic images."""
         return (self.train["source"] == SYNTHETIC).to_numpy()
 
+    def synthetic_quota(self) -> dict[int, int]:
+        """Class index -> synthetic images each epoch draws afresh (data.synthetic_redraw); {} for one fixed draw."""
+        if not self.synthetic.get("redraw"):
+            return {}
+        return {CLASSES.index(c): v["used"] for c, v in self.synthetic["per_class"].items() if v["used"]}
+
     def train_counts(self) -> dict[str, dict[str, int]]:
-        """Per class, how many real and synthetic training images."""
+        """Per class, how many real and synthetic training images an epoch draws from (with a redraw, also the
+        ``synthetic_pool`` that each epoch's synthetic images come from)."""
         syn = self.synthetic_mask()
-        return {c: {"real": int(((self.train["label"] == c) & ~syn).sum()),
-                    "synthetic": int(((self.train["label"] == c) & syn).sum())} for c in CLASSES}
+        quota = self.synthetic_quota()
+        counts = {}
+        for i, c in enumerate(CLASSES):
+            n_syn = int(((self.train["label"] == c) & syn).sum())
+            counts[c] = {"real": int(((self.train["label"] == c) & ~syn).sum()), "synthetic": quota.get(i, n_syn)}
+            if i in quota:
+                counts[c]["synthetic_pool"] = n_syn
+        return counts
 
 
 def labels_of(df: pd.DataFrame) -> np.ndarray:
@@ -82,8 +95,12 @@ def synthetic_ratios(cfg: DataConfig) -> dict[str, float]:
     return ratios
 
 
-def mix_synthetic(train: pd.DataFrame, syn: pd.DataFrame, ratios: dict[str, float], seed: int) -> tuple[pd.DataFrame, dict]:
-    """Add ``round(ratio * n_real)`` synthetic images per class (capped by what exists), picked at random by ``seed``."""
+def mix_synthetic(train: pd.DataFrame, syn: pd.DataFrame, ratios: dict[str, float], seed: int,
+                  redraw: bool = False) -> tuple[pd.DataFrame, dict]:
+    """Add ``round(ratio * n_real)`` synthetic images per class (capped by what exists), picked at random by ``seed``.
+
+    ``redraw``: add all of a class's synthetic images instead; each epoch then picks its ``used`` of them
+    (:func:`dermsynth.classify.sampling.epoch_rows`)."""
     rng = np.random.default_rng(seed)
     parts, info = [train], {}
     for c in CLASSES:
@@ -91,7 +108,9 @@ def mix_synthetic(train: pd.DataFrame, syn: pd.DataFrame, ratios: dict[str, floa
         pool = syn[syn["label"] == c]
         want = int(round(ratios.get(c, 0.0) * n_real))
         used = min(want, len(pool))
-        if used:
+        if used and redraw:
+            parts.append(pool)
+        elif used:
             parts.append(pool.iloc[np.sort(rng.choice(len(pool), size=used, replace=False))])
         if c in ratios:
             info[c] = {"ratio": ratios[c], "real": n_real, "requested": want, "available": int(len(pool)), "used": used}
@@ -128,8 +147,10 @@ def load_clf_data(cfg: ClfConfig) -> ClfData:
         check_manifest_split(syn, split, where)
         syn_ids = set(syn["image_id"])
         manifests["synthetic"] = syn
-        parts["train"], info = mix_synthetic(parts["train"], syn[COLUMNS], synthetic_ratios(cfg.data), cfg.train.seed)
-        info = {"manifest": str(Path(cfg.data.synthetic).resolve()), "per_class": info}
+        redraw = cfg.data.synthetic_redraw
+        parts["train"], info = mix_synthetic(parts["train"], syn[COLUMNS], synthetic_ratios(cfg.data), cfg.train.seed,
+                                             redraw)
+        info = {"manifest": str(Path(cfg.data.synthetic).resolve()), "per_class": info, "redraw": redraw}
     for p in ("val", "test"):
         check_no_synthetic(parts[p], f"{split.path}: {p} part", syn_ids)
     extra = {}

@@ -40,6 +40,22 @@ def epoch_order(labels: np.ndarray, epoch: int, seed: int, sampler: str = "plain
     raise ValueError(f"unknown sampler {sampler!r}; use plain or oversample")
 
 
+def epoch_rows(labels: np.ndarray, synthetic: np.ndarray, quota: dict[int, int], epoch: int, seed: int) -> np.ndarray:
+    """The training rows epoch ``epoch`` draws from, ascending: all of them without a ``quota``; with one (class
+    index -> n), every real row and a fresh pick of ``n`` of each such class's synthetic rows. The pick depends only
+    on (seed, epoch), from a stream of its own, so a resumed run and every DDP rank pick the same rows."""
+    if not quota:
+        return np.arange(len(labels))
+    rng = np.random.default_rng([seed, epoch, 0x5E1EC7])
+    keep = ~synthetic
+    for k, n in sorted(quota.items()):
+        pool = np.flatnonzero(synthetic & (labels == k))
+        if n > len(pool):
+            raise ValueError(f"class {CLASSES[k]}: {n} synthetic images asked of a pool of {len(pool)}")
+        keep[rng.choice(pool, size=n, replace=False)] = True
+    return np.flatnonzero(keep)
+
+
 def shard_batches(order: np.ndarray, batch_size: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
     """This rank's batches of an epoch: every rank gets the same number of full batches (a tail too small to give
     each rank a full batch is dropped; a BatchNorm batch of one would fail and skew statistics)."""

@@ -39,7 +39,7 @@ from dermsynth.classify.data import ClfData, labels_of, load_clf_data, load_imag
 from dermsynth.classify.losses import build_loss
 from dermsynth.classify.models import Normalize, build_model
 from dermsynth.classify.predict import BEST_META, BEST_WEIGHTS, autocast, predict_probs
-from dermsynth.classify.sampling import epoch_order, shard_batches
+from dermsynth.classify.sampling import epoch_order, epoch_rows, shard_batches
 from dermsynth.config import ConfigError, config_diff, config_hash, read_saved, read_yaml, save_config
 from dermsynth.data.labels import CLASSES
 from dermsynth.io import atomic_open, atomic_write_bytes, atomic_write_csv, atomic_write_json
@@ -251,13 +251,19 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
              len(arrays["test"]), "GPU-resident" if resident else f"host memory -> {device}")
     y_np = labels_of(data.train)
     y_train = torch.from_numpy(y_np).to(device)
-    real_rows = np.flatnonzero(~data.synthetic_mask())
+    syn_mask = data.synthetic_mask()
+    real_rows = np.flatnonzero(~syn_mask)
+    quota = data.synthetic_quota()
+    n_epoch = len(epoch_rows(y_np, syn_mask, quota, 0, tc.seed))  # rows an epoch draws from: the same every epoch
+    if quota:
+        log.info("each epoch draws its %d synthetic images afresh from the %d that exist", n_epoch - len(real_rows),
+                 int(syn_mask.sum()))
     real_from = tc.epochs - tc.real_only_last_epochs if 0 < len(real_rows) < len(y_np) else tc.epochs
     if real_from < tc.epochs:
         log.info("epochs %d-%d draw the %d real training images only", real_from + 1, tc.epochs, len(real_rows))
     sample_weight = None
     if tc.synthetic_loss_weight != 1 and len(real_rows) < len(y_np):
-        sample_weight = np.where(data.synthetic_mask(), tc.synthetic_loss_weight, 1.0).astype(np.float32)
+        sample_weight = np.where(syn_mask, tc.synthetic_loss_weight, 1.0).astype(np.float32)
         log.info("a synthetic image weighs %g in the loss, a real one 1", tc.synthetic_loss_weight)
 
     # --- model, optimiser, schedule, loss -------------------------------------------------------------------------
@@ -272,7 +278,7 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
     from timm.scheduler import CosineLRScheduler
 
     opt = create_optimizer_v2(net, opt="adamw", lr=tc.lr, weight_decay=tc.weight_decay)
-    steps_per_epoch = len(shard_batches(np.arange(len(y_np)), tc.batch_size, rank, world))
+    steps_per_epoch = len(shard_batches(np.arange(n_epoch), tc.batch_size, rank, world))
     total = max(tc.epochs * steps_per_epoch, 1)
     warmup = min(int(round(tc.warmup_epochs * steps_per_epoch)), total - 1)
     sched = CosineLRScheduler(opt, t_initial=total - warmup, lr_min=tc.lr * tc.min_lr_ratio, warmup_t=warmup,
@@ -316,10 +322,11 @@ def _train(cfg: ClfConfig, paths: RunPaths, resume: bool, state: Any, device: to
                leave=False)
     while prog.epoch < tc.epochs and not prog.stopped:
         if prog.epoch < real_from:
-            order = epoch_order(y_np, prog.epoch, tc.seed, tc.sampler, tc.oversample_power)
+            rows = epoch_rows(y_np, syn_mask, quota, prog.epoch, tc.seed)
+            order = rows[epoch_order(y_np[rows], prog.epoch, tc.seed, tc.sampler, tc.oversample_power)]
         else:  # as many draws as a full epoch, so the schedule's steps per epoch hold
             order = real_rows[epoch_order(y_np[real_rows], prog.epoch, tc.seed, tc.sampler, tc.oversample_power,
-                                          n=len(y_np))]
+                                          n=n_epoch)]
         batches = shard_batches(order, tc.batch_size, rank, world)
         model.train()
         t0 = time.monotonic()
