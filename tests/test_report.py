@@ -192,3 +192,18 @@ def test_per_class_figure_leaves_out_only_the_sweep_copies():
     # an aggregate.json without the list: the copies are known by the names the sweep gives them
     assert _bar_conditions({k: v for k, v in info.items() if k != "sweep_copies"}) == _bar_conditions(info)
 
+
+
+def test_report_says_when_the_synthetic_images_were_drawn_afresh_each_epoch(tmp_path):
+    runs = make_fake_study(tmp_path)
+    _study_files(tmp_path)
+    for run in runs["hybrid"].values():  # data.synthetic_redraw: 10 an epoch per class, from 40 kept
+        m = json.loads((run / "metrics.json").read_text())
+        for c in ("df", "vasc", "mel"):
+            m["train_counts"][c]["synthetic_pool"] = 40
+        (run / "metrics.json").write_text(json.dumps(m))
+    aggregate(tmp_path, runs, baselines=["real_only", "oversampling", "focal"], primary="hybrid", n_boot=20,
+              synthetic={"hybrid": "filtered"})
+    page = build_report(tmp_path).read_text()
+    assert ("hybrid trained on 30 synthetic beside 30 real images of the rare classes (df 10/10, vasc 10/10, mel "
+            "10/10), each epoch drawing them afresh from 120 kept images") in page

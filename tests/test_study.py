@@ -301,7 +301,8 @@ def test_folders_of_units_a_changed_config_no_longer_plans_are_not_reported(fini
     # quality_on without the raw samples: their quality.json stays, but is no FID of this configuration
     run_study(tiny("quality_on=[filtered]"), study)
     fid = pd.read_csv(paths.aggregate / "criteria.csv").set_index("metric").loc["fid"]
-    assert fid["status"] == "not measurable here" and fid["note"].startswith("no quality.json")
+    assert fid["status"] == "not measurable here" and fid["note"].startswith("no quality.json of the generated samples")
+    assert "quality_on must list samples" in fid["note"]
     page = paths.report_html.read_text()
     assert "Quality of the images the filter kept" in page and "Quality of all generated images" not in page
     assert f"{paths.quality / 'samples'} is left over from another configuration" in page

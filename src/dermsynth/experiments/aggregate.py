@@ -187,7 +187,8 @@ def find_fid(quality: Mapping[str, Any] | None) -> tuple[float | None, str]:
     (see :func:`dermsynth.metrics.features.metric_name`). Pooled over the synthetic classes when available.
     """
     if not quality:
-        return None, "no quality.json in this study (quality stage not run)"
+        return None, ("no quality.json of the generated samples in this study (FID is the generator's, measured on "
+                      "all its samples: quality_on must list samples)")
     groups = {g: v for g, v in (quality.get("groups") or {}).items() if isinstance(v, dict) and "synthetic" in v}
     fid = {g: v["synthetic"]["FID"] for g, v in groups.items() if "FID" in v["synthetic"]}
     if fid:

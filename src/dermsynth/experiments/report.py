@@ -264,7 +264,9 @@ def _synthetic_note(doc: Doc, agg: dict) -> None:
         real = sum(counts.get(c, {}).get("real", 0) for c in rare)
         per = ", ".join(f"{c} {counts[c].get('synthetic', 0)}/{counts[c].get('real', 0)}" for c in rare if c in counts)
         few = syn < 0.1 * max(real, 1)
-        doc.p(f"{primary} trained on {syn} synthetic beside {real} real images of the rare classes ({per})"
+        pool = sum(counts.get(c, {}).get("synthetic_pool", 0) for c in rare)  # data.synthetic_redraw
+        fresh = f", each epoch drawing them afresh from {pool} kept images" if pool else ""
+        doc.p(f"{primary} trained on {syn} synthetic beside {real} real images of the rare classes ({per}){fresh}"
               + (": too few to change much; the filter and quality sections show why." if few else "."),
               "answer" if few else "")
     # the filter's effect is read only between two conditions that differ in nothing but the filter
