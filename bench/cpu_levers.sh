@@ -131,6 +131,8 @@ e6_pair() {  # e6_pair NAME CONDITION [--set ...]: 6-epoch oversampling and one 
     --set "primary=$name" --set "primary_from=[$name]" "$@"
 }
 E6=hybrid_oversample_all_r0.25_realend_e6  # the hybrid of the 6-epoch pair gen2400_e6's validation chose
+sets=()  # the KEY=VALUE settings after a *_with form, as --set options
+for kv in "${@:3}"; do sets+=(--set "$kv"); done
 case ${2:-} in
   all) every_class "$RARE_R25, $ALL_R25" hybrid_oversample_r0.25 \
     "hybrid_oversample_r0.25, hybrid_oversample_all_r0.25" ;;
@@ -153,14 +155,10 @@ case ${2:-} in
   gen2400_e6_seeds5) e6_pair $E6 "$ALL_END_E6" --set 'seeds=[0, 1, 2, 3, 4]' ;;
   # that pair with settings changed (e.g. the samples' guidance, the filter's strictness, more seeds)
   gen2400_e6_with|gen2400_e6_r0.5_with) : "${3:?give KEY=VALUE ..., e.g. generation.guidance=1.0}"
-    sets=()
-    for kv in "${@:3}"; do sets+=(--set "$kv"); done
     if [[ $2 == gen2400_e6_with ]]; then e6_pair $E6 "$ALL_END_E6" "${sets[@]}"
     else e6_pair hybrid_oversample_all_r0.5_realend_e6 "$ALL_END_E6_R05" --set "$ALL_DRAW_R05" "${sets[@]}"; fi ;;
   # the pair's hybrid with and without a fresh draw of its synthetic images each epoch, on a larger draw
-  redraw_with) sets=()
-    for kv in "${@:3}"; do sets+=(--set "$kv"); done
-    study --set "$REDRAW_DRAW" --set generator.train.steps=2400 \
+  redraw_with) study --set "$REDRAW_DRAW" --set generator.train.steps=2400 \
       --set "conditions=[$OVER_E6, $ALL_END_E6, $ALL_END_E6_REDRAW]" --set 'baselines=[oversampling_e6]' \
       --set "sweep={of: $E6, ratios: [], zero: ''}" --set "primary=$E6" \
       --set "primary_from=[$E6, hybrid_oversample_all_r0.25_realend_e6_redraw]" "${sets[@]}" ;;
