@@ -66,11 +66,11 @@ def pixel_distance(a: Path, b: Path) -> float:
 
 
 def score(gen: Path, split: Path, out: Path, variant: Variant, classes: str, per_class: int,
-          cfg: QualityConfig) -> tuple[Path, dict]:
+          cfg: QualityConfig, checkpoint: str | None = None) -> tuple[Path, dict]:
     """Samples of one variant (made or resumed) and their quality.json (made or read)."""
     sampler, steps, seed, strength = variant
     folder = generate(gen, classes=classes, per_class=per_class, out=out / variant_name(variant),
-                      sampler=sampler, steps=steps, seed=seed, strength=strength)
+                      sampler=sampler, steps=steps, seed=seed, strength=strength, checkpoint=checkpoint)
     # another quality config (reference part, draws) or a larger draw scores anew
     qdir = folder / f"quality-{config_hash(cfg)[:8]}-n{per_class}"
     if not (qdir / "quality.json").exists():
@@ -114,15 +114,18 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=200)
     p.add_argument("-c", "--config", type=Path, help="quality YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="quality config override")
+    p.add_argument("--checkpoint", help="the generator's checkpoint folder to sample (default: its latest); the "
+                   "intermediate checkpoints of one long run give a quality-against-training-steps curve")
     a = p.parse_args()
     cfg = load_config(QualityConfig, a.config, a.set)
     variants = [parse_variant(v) for v in a.variant]
     scored: list[tuple[Path, dict]] = []
     for v in variants:
-        scored.append(score(a.gen, a.split, a.out, v, a.classes, a.per_class, cfg))
+        scored.append(score(a.gen, a.split, a.out, v, a.classes, a.per_class, cfg, a.checkpoint))
         rows, null_pixel = table(variants[:len(scored)], scored)
         atomic_write_json(a.out / "sampler_quality.json",
-                          {"gen": str(a.gen), "split": str(a.split), "reference": a.variant[0],
+                          {"gen": str(a.gen), "checkpoint": a.checkpoint or "latest", "split": str(a.split),
+                           "reference": a.variant[0],
                            "variants": a.variant, "scored": len(scored),
                            "pixel_unrelated_same_class": null_pixel, "rows": rows})
 

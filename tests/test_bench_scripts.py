@@ -79,3 +79,25 @@ def test_sampler_quality_table_pairs_only_the_same_start_and_takes_the_null_from
     assert null == 20.0  # reference vs its other seed
     assert abs(by["dpmpp25_s0_img0.25"]["KID_minus_ref"] + 0.6) < 1e-9
     assert by["dpmpp25_s0_img0.25"]["KID_lite0_floor"] == 0.2
+
+
+def test_sampler_quality_samples_the_checkpoint_it_is_given(tmp_path, monkeypatch):
+    sq = _load("sampler_quality")
+    calls = []
+
+    def fake_generate(gen, **kw):  # records what would be sampled; the quality below is already on disk
+        calls.append(kw)
+        return kw["out"]
+
+    monkeypatch.setattr(sq, "generate", fake_generate)
+    cfg = sq.QualityConfig()
+    variant = sq.parse_variant("dpmpp:25:0")
+    for checkpoint in (None, "gen/checkpoints/step_00002400"):
+        out = tmp_path / str(checkpoint).replace("/", "_")
+        qdir = out / "dpmpp25_s0" / f"quality-{sq.config_hash(cfg)[:8]}-n4"
+        qdir.mkdir(parents=True)
+        (qdir / "quality.json").write_text('{"groups": {}}')
+        folder, q = sq.score(Path("gen"), Path("split.json"), out, variant, "df", 4, cfg, checkpoint)
+        assert folder == out / "dpmpp25_s0" and q == {"groups": {}}
+    assert [c["checkpoint"] for c in calls] == [None, "gen/checkpoints/step_00002400"]
+    assert all(c["sampler"] == "dpmpp" and c["steps"] == 25 and c["seed"] == 0 for c in calls)
