@@ -9,7 +9,8 @@ image-to-image variations of real train images) and scores them with ``dermsynth
 <folder>/quality-<config hash>-n<per class> (skipped when that quality.json exists; ``--set reference=val`` scores
 against the validation part, for choices). The first variant is the reference. DIR/sampler_quality.json is rewritten
 after each variant, so a run stopped by a time limit keeps what it scored. Also a generator comparison: run it once
-per generator with the same variants and compare the tables.
+per generator with the same variants and compare the tables; or once per ``--checkpoint`` of one long run (each into
+its own --out: a samples folder refuses images of another checkpoint) for quality against training steps.
 
 Why two seeds of a sampler: KID moves between two draws of the same sampler, so a sampler's loss is "measurable"
 only if it exceeds that seed-to-seed change. Why the pixel distance: DDIM (eta 0) and DPM-Solver++ both solve the
